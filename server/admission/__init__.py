@@ -1,0 +1,1 @@
+"""Admission: is the caller's request acceptable (validation; later auth and limits)."""

@@ -1,0 +1,1 @@
+"""The gRPC surface: servicers, conversions, status mapping and the server itself."""

@@ -1,0 +1,212 @@
+"""Protobuf ⇄ domain conversions. The only module besides the servicers that knows *_pb2."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from client._proto.taskring.v1 import tasks_pb2 as pb
+from server.model.errors import FieldViolation, InvalidArgumentError
+from server.model.task import (
+    CHAT,
+    EMBED,
+    ChatInput,
+    ChatMessage,
+    ChatOutput,
+    CustomInput,
+    CustomOutput,
+    EmbedInput,
+    EmbedOutput,
+    Priority,
+    Task,
+    TaskError,
+    TaskInput,
+    TaskOutput,
+    TaskSpec,
+    TaskState,
+    Usage,
+)
+
+STATE_TO_PB = {
+    TaskState.QUEUED: pb.TASK_STATE_QUEUED,
+    TaskState.RUNNING: pb.TASK_STATE_RUNNING,
+    TaskState.SUCCEEDED: pb.TASK_STATE_SUCCEEDED,
+    TaskState.FAILED: pb.TASK_STATE_FAILED,
+    TaskState.CANCELLED: pb.TASK_STATE_CANCELLED,
+}
+STATE_FROM_PB = {v: k for k, v in STATE_TO_PB.items()}
+PRIORITY_FROM_PB = {
+    pb.PRIORITY_UNSPECIFIED: Priority.NORMAL,
+    pb.PRIORITY_LOW: Priority.LOW,
+    pb.PRIORITY_NORMAL: Priority.NORMAL,
+    pb.PRIORITY_HIGH: Priority.HIGH,
+    pb.PRIORITY_URGENT: Priority.URGENT,
+}
+PRIORITY_TO_PB = {v: k for k, v in PRIORITY_FROM_PB.items() if k != pb.PRIORITY_UNSPECIFIED}
+
+
+def spec_from_pb(message: pb.TaskSpec) -> TaskSpec:
+    """Structural checks only (which input, enum values, durations); validate_spec checks
+    the content. Raises InvalidArgumentError naming the request's fields."""
+    problems: list[FieldViolation] = []
+    which = message.WhichOneof("input")
+    task_input: TaskInput
+    if which == "chat":
+        chat = message.chat
+        params = chat.parameters
+        task_input = ChatInput(
+            model=chat.model,
+            messages=tuple(ChatMessage(m.role, m.content) for m in chat.messages),
+            temperature=params.temperature if params.HasField("temperature") else None,
+            max_tokens=params.max_tokens if params.HasField("max_tokens") else None,
+            top_p=params.top_p if params.HasField("top_p") else None,
+            stop=tuple(params.stop),
+        )
+        if task_input.temperature is not None and not math.isfinite(task_input.temperature):
+            problems.append(FieldViolation("task.chat.parameters.temperature", "must be finite"))
+    elif which == "embed":
+        task_input = EmbedInput(model=message.embed.model, texts=tuple(message.embed.texts))
+    elif which == "custom":
+        task_input = CustomInput(json_format.MessageToDict(message.custom))
+    else:
+        problems.append(
+            FieldViolation("task.input", "set one of task.chat, task.embed, task.custom")
+        )
+        task_input = CustomInput({})
+    task_type = message.type or {"chat": CHAT, "embed": EMBED}.get(which or "", "")
+    if not task_type:
+        problems.append(FieldViolation("task.type", "required for custom input"))
+    if message.priority not in PRIORITY_FROM_PB:
+        problems.append(FieldViolation("task.priority", f"unknown priority {message.priority}"))
+    timeout_s = 0.0
+    if message.HasField("timeout"):
+        timeout = message.timeout
+        timeout_s = timeout.seconds + timeout.nanos / 1e9
+        if timeout_s <= 0:
+            problems.append(FieldViolation("task.timeout", "must be positive (or unset)"))
+    if message.max_attempts < 0:
+        problems.append(FieldViolation("task.max_attempts", "must not be negative"))
+    if problems:
+        raise InvalidArgumentError(problems)
+    return TaskSpec(
+        type=task_type,
+        input=task_input,
+        routing_key=message.routing_key,
+        priority=PRIORITY_FROM_PB[message.priority],
+        timeout_s=timeout_s,
+        max_attempts=message.max_attempts,
+        idempotency_key=message.idempotency_key,
+        labels=dict(message.labels),
+    )
+
+
+def spec_to_pb(spec: TaskSpec) -> pb.TaskSpec:
+    message = pb.TaskSpec(
+        type=spec.type,
+        routing_key=spec.routing_key,
+        priority=PRIORITY_TO_PB[spec.priority],
+        max_attempts=spec.max_attempts,
+        idempotency_key=spec.idempotency_key,
+        labels=dict(spec.labels),
+    )
+    message.timeout.FromNanoseconds(round(spec.timeout_s * 1e9))
+    value = spec.input
+    if isinstance(value, ChatInput):
+        message.chat.model = value.model
+        message.chat.messages.extend(
+            pb.ChatMessage(role=m.role, content=m.content) for m in value.messages
+        )
+        if value.temperature is not None:
+            message.chat.parameters.temperature = value.temperature
+        if value.max_tokens is not None:
+            message.chat.parameters.max_tokens = value.max_tokens
+        if value.top_p is not None:
+            message.chat.parameters.top_p = value.top_p
+        if value.stop:
+            message.chat.parameters.stop.extend(value.stop)
+    elif isinstance(value, EmbedInput):
+        message.embed.model = value.model
+        message.embed.texts.extend(value.texts)
+    else:
+        message.custom.CopyFrom(_struct(value.data))
+    return message
+
+
+def task_to_pb(task: Task) -> pb.Task:
+    message = pb.Task(
+        id=task.id,
+        client_id=task.client_id,
+        spec=spec_to_pb(task.spec),
+        state=STATE_TO_PB[task.state],
+        attempt=task.attempt,
+        backend=task.backend,
+        sequence=task.sequence,
+        create_time=_timestamp(task.created_at),
+        deadline=_timestamp(task.deadline),
+    )
+    if task.started_at is not None:
+        message.start_time.CopyFrom(_timestamp(task.started_at))
+    if task.ended_at is not None:
+        message.end_time.CopyFrom(_timestamp(task.ended_at))
+    if task.output is not None:
+        message.output.CopyFrom(output_to_pb(task.output))
+    if task.error is not None:
+        message.error.CopyFrom(error_to_pb(task.error))
+    if task.usage is not None:
+        message.usage.CopyFrom(usage_to_pb(task.usage))
+    return message
+
+
+def output_to_pb(output: TaskOutput) -> pb.TaskOutput:
+    if isinstance(output, ChatOutput):
+        return pb.TaskOutput(
+            chat=pb.ChatOutput(text=output.text, finish_reason=output.finish_reason)
+        )
+    if isinstance(output, EmbedOutput):
+        embeddings = [pb.Embedding(values=v) for v in output.vectors]
+        return pb.TaskOutput(embed=pb.EmbedOutput(embeddings=embeddings))
+    assert isinstance(output, CustomOutput)
+    return pb.TaskOutput(custom=_struct(output.data))
+
+
+def output_from_pb(message: pb.TaskOutput) -> TaskOutput:
+    which = message.WhichOneof("result")
+    if which == "chat":
+        return ChatOutput(message.chat.text, message.chat.finish_reason)
+    if which == "embed":
+        return EmbedOutput(tuple(tuple(e.values) for e in message.embed.embeddings))
+    return CustomOutput(json_format.MessageToDict(message.custom))
+
+
+def error_to_pb(error: TaskError) -> pb.TaskError:
+    return pb.TaskError(code=error.code, message=error.message, retryable=error.retryable)
+
+
+def usage_to_pb(usage: Usage) -> pb.Usage:
+    return pb.Usage(
+        input_tokens=usage.input_tokens, output_tokens=usage.output_tokens, cost_usd=usage.cost_usd
+    )
+
+
+def states_from_pb(values: Any, field: str) -> set[TaskState]:
+    result = set()
+    for i, value in enumerate(values):
+        if value not in STATE_FROM_PB:
+            raise InvalidArgumentError.single(f"{field}[{i}]", f"unknown task state {value}")
+        result.add(STATE_FROM_PB[value])
+    return result
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(round(seconds * 1e9))
+    return stamp
+
+
+def _struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
+    value = struct_pb2.Struct()
+    value.update(data)
+    return value

@@ -1,0 +1,47 @@
+"""Builds the grpc.aio server: TaskService, health (liveness and readiness) and reflection."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from client._proto.taskring.v1 import tasks_pb2, tasks_pb2_grpc
+
+from .servicer import TaskServicer
+
+# Readiness probes ask for this name; liveness asks for "" (the whole process).
+READINESS_SERVICE = tasks_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name
+LIVENESS_SERVICE = ""
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+# Imported so grpcurl can print google.rpc details (BadRequest, RetryInfo) as JSON.
+from google.rpc import error_details_pb2  # noqa: E402, F401
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def build_server(
+    servicer: TaskServicer, health_servicer: health.aio.HealthServicer
+) -> grpc.aio.Server:
+    server = grpc.aio.server(
+        options=[
+            # gRPC sets SO_REUSEPORT by default: a second server on a busy port would
+            # silently "succeed" and share it. Fail loudly instead.
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    tasks_pb2_grpc.add_TaskServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            READINESS_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    return server

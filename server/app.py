@@ -1,0 +1,136 @@
+"""The composition root: builds every part from Settings, starts them in order and stops
+them in reverse (readiness off, server stop, dispatcher drain, store close)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from types import TracebackType
+
+from grpc_health.v1 import health
+
+from .api.server import LIVENESS_SERVICE, NOT_SERVING, READINESS_SERVICE, SERVING, build_server
+from .api.servicer import TaskServicer
+from .backends.base import Backend
+from .backends.local import LocalBackend, LocalModelSettings, builtin_handlers
+from .clock import Clock, SystemClock
+from .config import Settings
+from .dispatch.dispatcher import Dispatcher, DispatchSettings
+from .events.hub import EventHub
+from .model.errors import StoreError
+from .routing.ring import HashRing, Member
+from .store.sqlite import SqliteTaskStore
+from .tasks import TaskManager
+
+_log = logging.getLogger(__name__)
+
+# How often readiness re-checks that the store answers.
+STORE_CHECK_INTERVAL_S = 2.0
+
+
+def local_backends(settings: Settings) -> dict[str, Backend]:
+    handlers = builtin_handlers(LocalModelSettings(token_delay_s=settings.local.token_delay_s))
+    return {
+        f"local-{i}": LocalBackend(f"local-{i}", handlers, settings.local.max_concurrency)
+        for i in range(1, settings.local.count + 1)
+    }
+
+
+class App:
+    """One taskring router process. `async with App(settings) as app:` serves until closed."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        backends: Mapping[str, Backend] | None = None,
+        clock: Clock | None = None,
+        dispatch: DispatchSettings | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.backends = dict(backends) if backends is not None else local_backends(settings)
+        self.store = SqliteTaskStore(settings.store.sqlite_path, settings.store.sqlite_synchronous)
+        self.hub = EventHub()
+        ring = HashRing(Member(name) for name in self.backends)
+        self.dispatcher = Dispatcher(
+            self.store, self.hub, ring, self.backends, self.clock, dispatch or DispatchSettings()
+        )
+        self.tasks = TaskManager(
+            self.store,
+            self.hub,
+            self.dispatcher,
+            self.clock,
+            settings.tasks,
+            self.dispatcher.task_types,
+        )
+        self.health = health.aio.HealthServicer()
+        self.server = build_server(TaskServicer(self.tasks), self.health)
+        self.port = 0
+        self._store_check: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    async def start(self) -> None:
+        await self.store.start()
+        await self.dispatcher.start()
+        self.port = self.server.add_insecure_port(self.settings.server.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.settings.server.listen}")
+        await self.server.start()
+        await self.health.set(LIVENESS_SERVICE, SERVING)
+        await self.health.set(READINESS_SERVICE, SERVING)
+        self._store_check = asyncio.create_task(self._watch_store(), name="store-check")
+
+    @property
+    def address(self) -> str:
+        host = self.settings.server.listen.rpartition(":")[0]
+        return f"{host}:{self.port}"
+
+    async def _watch_store(self) -> None:
+        """Readiness follows the store: NOT_SERVING while it cannot answer."""
+        ready = True
+        while True:
+            await asyncio.sleep(STORE_CHECK_INTERVAL_S)
+            try:
+                await self.store.ping()
+                now_ready = True
+            except StoreError:
+                now_ready = False
+            if now_ready != ready:
+                ready = now_ready
+                _log.warning("store %s: readiness %s", "back" if ready else "failing", ready)
+                await self.health.set(READINESS_SERVICE, SERVING if ready else NOT_SERVING)
+
+    async def stop(self) -> None:
+        """Graceful: readiness off at once (liveness stays up until the process exits), no new
+        Submits, open Streams end, running work gets the grace period, the rest is re-queued."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.settings.server.shutdown_grace_s
+        if self._store_check is not None:
+            self._store_check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._store_check
+        await self.health.set(READINESS_SERVICE, NOT_SERVING)
+        self.tasks.stop_accepting()
+        await self.dispatcher.shutdown(grace)
+        self.hub.close()
+        await self.server.stop(grace)
+        await self.store.close()
+
+    async def wait_closed(self) -> None:
+        await self.server.wait_for_termination()
+
+    async def __aenter__(self) -> App:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

@@ -1,0 +1,1 @@
+"""Executor backends: where a task actually runs."""

@@ -1,0 +1,56 @@
+"""The Backend protocol: run one attempt of a task and stream its events."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from server.model.task import Task, TaskError, TaskOutput, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class OutputChunk:
+    """Text the task produced so far (a chat reply as it is generated)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """The attempt succeeded; the last event of a successful execution."""
+
+    output: TaskOutput
+    usage: Usage | None = None
+
+
+BackendEvent = OutputChunk | Completed
+
+
+class BackendError(Exception):
+    """An attempt failed. `retryable` says whether another attempt (elsewhere) may succeed."""
+
+    def __init__(self, code: str, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.error = TaskError(code, message, retryable)
+
+
+class Backend(Protocol):
+    """A member of the routing ring."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def max_concurrency(self) -> int:
+        """Attempts this backend runs at once; the dispatcher never exceeds it."""
+        ...
+
+    @property
+    def task_types(self) -> frozenset[str]: ...
+
+    def execute(self, task: Task) -> AsyncIterator[BackendEvent]:
+        """Runs one attempt: yields chunks, ends with Completed, or raises BackendError.
+
+        Cancelling the consuming task cancels the work (the iterator is closed)."""
+        ...

@@ -1,0 +1,177 @@
+"""Settings: one frozen section per component, read from an environment mapping.
+
+Every default is the embedded default `make run` uses. `Settings.from_env` checks every
+variable and raises one ConfigError that names each bad variable and value.
+
+    TASKRING_LISTEN                 host:port to serve gRPC on       127.0.0.1:50051
+    TASKRING_SHUTDOWN_GRACE_S       seconds in-flight work may take   10
+    TASKRING_STORE                  sqlite:///relative or sqlite:////absolute path
+                                                                      sqlite:///taskring.db
+    TASKRING_SQLITE_SYNCHRONOUS     OFF | NORMAL | FULL | EXTRA       FULL
+    TASKRING_LOCAL_EXECUTORS        in-process executors on the ring   3
+    TASKRING_LOCAL_MAX_CONCURRENCY  attempts each runs at once         32
+    TASKRING_LOCAL_TOKEN_DELAY_S    local-echo delay per token         0.02
+    TASKRING_DEFAULT_TIMEOUT_S      deadline of a task that sets none  600
+    TASKRING_MAX_TIMEOUT_S          longest timeout a task may ask     86400
+    TASKRING_DEFAULT_MAX_ATTEMPTS   attempts of a task that sets none  3
+    TASKRING_LOG_LEVEL              DEBUG | INFO | WARNING | ERROR     INFO
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+T = TypeVar("T")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(Exception):
+    """Lists every invalid setting; the server refuses to start with any."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    listen: str = "127.0.0.1:50051"
+    shutdown_grace_s: float = 10.0
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    url: str = "sqlite:///taskring.db"
+    sqlite_synchronous: str = "FULL"
+
+    @property
+    def sqlite_path(self) -> str:
+        return self.url.removeprefix("sqlite:///")
+
+
+@dataclass(frozen=True, slots=True)
+class LocalExecutorSettings:
+    count: int = 3
+    max_concurrency: int = 32
+    token_delay_s: float = 0.02
+
+
+@dataclass(frozen=True, slots=True)
+class TaskLimits:
+    default_timeout_s: float = 600.0
+    max_timeout_s: float = 86400.0
+    default_max_attempts: int = 3
+    max_attempts: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    local: LocalExecutorSettings = field(default_factory=LocalExecutorSettings)
+    tasks: TaskLimits = field(default_factory=TaskLimits)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        reader = _Reader(env)
+        settings = cls(
+            server=ServerSettings(
+                listen=reader.get("TASKRING_LISTEN", "127.0.0.1:50051", _host_port),
+                shutdown_grace_s=reader.get("TASKRING_SHUTDOWN_GRACE_S", 10.0, _non_negative),
+                log_level=reader.get("TASKRING_LOG_LEVEL", "INFO", _one_of(LOG_LEVELS)),
+            ),
+            store=StoreSettings(
+                url=reader.get("TASKRING_STORE", "sqlite:///taskring.db", _store_url),
+                sqlite_synchronous=reader.get(
+                    "TASKRING_SQLITE_SYNCHRONOUS",
+                    "FULL",
+                    _one_of(("OFF", "NORMAL", "FULL", "EXTRA")),
+                ),
+            ),
+            local=LocalExecutorSettings(
+                count=reader.get("TASKRING_LOCAL_EXECUTORS", 3, _positive_int),
+                max_concurrency=reader.get("TASKRING_LOCAL_MAX_CONCURRENCY", 32, _positive_int),
+                token_delay_s=reader.get("TASKRING_LOCAL_TOKEN_DELAY_S", 0.02, _non_negative),
+            ),
+            tasks=TaskLimits(
+                default_timeout_s=reader.get("TASKRING_DEFAULT_TIMEOUT_S", 600.0, _positive),
+                max_timeout_s=reader.get("TASKRING_MAX_TIMEOUT_S", 86400.0, _positive),
+                default_max_attempts=reader.get("TASKRING_DEFAULT_MAX_ATTEMPTS", 3, _positive_int),
+            ),
+        )
+        if settings.tasks.default_timeout_s > settings.tasks.max_timeout_s:
+            reader.problems.append(
+                "TASKRING_DEFAULT_TIMEOUT_S must not exceed TASKRING_MAX_TIMEOUT_S"
+            )
+        if reader.problems:
+            raise ConfigError(reader.problems)
+        return settings
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+        self.problems: list[str] = []
+
+    def get(self, name: str, default: T, parse: Callable[[str], T]) -> T:
+        raw = self._env.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            return parse(raw.strip())
+        except ValueError as exc:
+            self.problems.append(f"{name}={raw!r}: {exc}")
+            return default
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _non_negative(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if not value >= 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _positive(raw: str) -> float:
+    value = _non_negative(raw)
+    if value == 0:
+        raise ValueError("must be more than 0")
+    return value
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw.upper() not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return raw.upper()
+
+    return parse
+
+
+def _host_port(raw: str) -> str:
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError("expected host:port, e.g. 127.0.0.1:50051 or [::1]:50051")
+    return raw
+
+
+def _store_url(raw: str) -> str:
+    if not raw.startswith("sqlite:///") or raw == "sqlite:///":
+        raise ValueError("expected sqlite:///relative/path.db or sqlite:////absolute/path.db")
+    return raw

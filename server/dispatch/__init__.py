@@ -1,0 +1,1 @@
+"""Dispatch: claims queued tasks in priority order and runs them on ring members."""

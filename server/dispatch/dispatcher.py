@@ -1,0 +1,351 @@
+"""Dispatcher: claims queued tasks by priority, routes each over the ring, runs attempts on
+backends within their concurrency limits, and applies deadlines, retries and cancellation.
+
+Every state change is written to the store (optimistically, on the sequence it was computed
+from) before it is published to watchers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+
+from server.backends.base import Backend, BackendError, BackendEvent, Completed, OutputChunk
+from server.clock import Clock
+from server.events.hub import EventHub, EventKind, TaskEvent
+from server.model import states
+from server.model.errors import StoreError
+from server.model.task import Task, TaskError, TaskState
+from server.routing.keys import routing_key
+from server.routing.ring import HashRing
+from server.store.base import TaskStore
+
+from .retry import RetryPolicy
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchSettings:
+    # How often to look for tasks whose retry backoff ended or whose deadline passed.
+    poll_interval_s: float = 0.5
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+class _End:
+    """Marks the end of a backend's event stream in the attempt's queue."""
+
+
+@dataclass(slots=True)
+class _Attempt:
+    task: Task
+    backend: str
+    runner: asyncio.Task[None] | None = None
+    # Why the runner was cancelled: "client" (Cancel RPC) or "shutdown" (hand back to queue).
+    stop_reason: str = ""
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: TaskStore,
+        hub: EventHub,
+        ring: HashRing,
+        backends: Mapping[str, Backend],
+        clock: Clock,
+        settings: DispatchSettings,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._store = store
+        self._hub = hub
+        self._ring = ring
+        self._backends = dict(backends)
+        self._clock = clock
+        self._settings = settings
+        self._rng = rng or random.Random()
+        self._capacity = sum(b.max_concurrency for b in self._backends.values())
+        self._busy: dict[str, int] = dict.fromkeys(self._backends, 0)
+        # Attempts running in this process, by task id; only the event loop thread touches it.
+        self._running: dict[str, _Attempt] = {}
+        self._wakeup = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.started = 0
+        self.finished: dict[str, int] = {}
+
+    @property
+    def task_types(self) -> frozenset[str]:
+        return frozenset().union(*(b.task_types for b in self._backends.values()))
+
+    async def start(self) -> None:
+        """Re-queues tasks left RUNNING by a previous process, then starts claiming."""
+        if self._loop_task is not None:
+            return
+        await self._recover()
+        self._loop_task = asyncio.create_task(self._claim_loop(), name="dispatcher")
+
+    def notify(self) -> None:
+        """Work may be waiting (a task was submitted): look now rather than at the next poll."""
+        self._wakeup.set()
+
+    async def _recover(self) -> None:
+        interrupted = TaskError("INTERRUPTED", "the server stopped while the task ran", True)
+        while batch := await self._store.in_states([TaskState.RUNNING], 500):
+            for task in batch:
+                await self._save(states.requeue(task, interrupted, 0.0), task.sequence)
+            _log.info("re-queued %d tasks left running by the previous process", len(batch))
+
+    async def _claim_loop(self) -> None:
+        while not self._stopping:
+            self._wakeup.clear()
+            try:
+                await self._expire_overdue()
+                claimed = await self._claim()
+            except StoreError:
+                _log.exception("dispatch paused: the store failed")
+                claimed = 0
+            if claimed and self._free_slots() > 0:
+                continue  # there may be more ready work
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self._settings.poll_interval_s)
+
+    def _free_slots(self) -> int:
+        return self._capacity - len(self._running)
+
+    async def _claim(self) -> int:
+        free = self._free_slots()
+        if free <= 0:
+            return 0
+        now = self._clock.now()
+        plans: list[tuple[Task, Task, str]] = []
+        for task in await self._store.queued(free, now):
+            if task.id in self._running:
+                continue
+            if task.deadline <= now:
+                await self._fail_deadline(task)
+                continue
+            backend = self._route(task)
+            if backend is None:
+                continue
+            self._busy[backend] += 1  # reserved now so the next task sees it
+            plans.append((task, states.start(task, backend, now), backend))
+        # One group commit for the whole batch.
+        results = await asyncio.gather(
+            *(self._store.update(new, old.sequence) for old, new, _ in plans)
+        )
+        claimed = 0
+        for (_, started, backend), ok in zip(plans, results, strict=True):
+            if not ok:  # cancelled (or changed) since we read it
+                self._busy[backend] -= 1
+                continue
+            self._hub.publish(TaskEvent(EventKind.STATE, started))
+            attempt = _Attempt(started, backend)
+            attempt.runner = asyncio.create_task(self._run(attempt), name=f"attempt:{started.id}")
+            self._running[started.id] = attempt
+            self.started += 1
+            claimed += 1
+        return claimed
+
+    def _route(self, task: Task) -> str | None:
+        """The first member clockwise from the task's key that serves its type and has a free
+        slot: the owner while it has room, its successors under load."""
+        for name in self._ring.walk(routing_key(task)):
+            backend = self._backends[name]
+            if task.spec.type in backend.task_types and self._busy[name] < backend.max_concurrency:
+                return name
+        return None
+
+    async def _run(self, attempt: _Attempt) -> None:
+        backend = self._backends[attempt.backend]
+        loop = asyncio.get_running_loop()
+        try:
+            deadline_in = attempt.task.deadline - self._clock.now()
+            async with asyncio.timeout_at(loop.time() + deadline_in):
+                await self._execute(attempt, backend)
+        except TimeoutError:
+            if not attempt.task.is_terminal:
+                await self._finish(attempt, self._deadline_failure(attempt.task))
+        except BackendError as exc:
+            await self._finish(attempt, self._after_failure(attempt.task, exc.error))
+        except asyncio.CancelledError:
+            if attempt.task.is_terminal:
+                pass  # it finished while the cancel was on its way
+            elif attempt.stop_reason == "client":
+                await self._finish(attempt, states.cancel(attempt.task, self._clock.now()))
+            else:
+                error = TaskError("INTERRUPTED", "the server shut down while the task ran", True)
+                await self._finish(attempt, states.requeue(attempt.task, error, 0.0))
+        except Exception:  # noqa: BLE001 - a handler's bug fails its task, not the dispatcher
+            _log.exception("attempt of task %s failed unexpectedly", attempt.task.id)
+            error = TaskError("INTERNAL", "the executor failed unexpectedly", False)
+            await self._finish(attempt, states.fail(attempt.task, error, self._clock.now()))
+        finally:
+            self._busy[attempt.backend] -= 1
+            self._running.pop(attempt.task.id, None)
+            attempt.done.set()
+            self._wakeup.set()
+
+    async def _execute(self, attempt: _Attempt, backend: Backend) -> None:
+        """Pumps the backend's events through a queue so that output produced while a write
+        commits is coalesced into the next write (one write per batch, not per token)."""
+        events: asyncio.Queue[BackendEvent | BaseException | _End] = asyncio.Queue()
+        pump = asyncio.create_task(_pump(backend.execute(attempt.task), events))
+        try:
+            while True:
+                batch = [await events.get()]
+                while not events.empty():
+                    batch.append(events.get_nowait())
+                text = "".join(e.text for e in batch if isinstance(e, OutputChunk))
+                if text:
+                    await self._save_attempt(
+                        attempt, states.append_output(attempt.task, text), text
+                    )
+                for event in batch:
+                    if isinstance(event, BaseException):
+                        raise event
+                    if isinstance(event, Completed):
+                        now = self._clock.now()
+                        await self._finish(
+                            attempt, states.succeed(attempt.task, event.output, event.usage, now)
+                        )
+                        return
+                    if isinstance(event, _End):
+                        raise BackendError(
+                            "BACKEND_ERROR", "the backend ended without a result", retryable=True
+                        )
+        finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+
+    def _after_failure(self, task: Task, error: TaskError) -> Task:
+        now = self._clock.now()
+        if error.retryable and task.attempt < task.spec.max_attempts:
+            not_before = now + self._settings.retry.backoff_s(task.attempt, self._rng)
+            if not_before < task.deadline:
+                return states.requeue(task, error, not_before)
+        return states.fail(task, error, now)
+
+    def _deadline_failure(self, task: Task) -> Task:
+        error = TaskError(
+            "DEADLINE_EXCEEDED", f"the task did not finish within {task.spec.timeout_s:g}s"
+        )
+        return states.fail(task, error, self._clock.now())
+
+    async def _finish(self, attempt: _Attempt, result: Task) -> None:
+        await self._save_attempt(attempt, result)
+        key = result.state.value
+        self.finished[key] = self.finished.get(key, 0) + 1
+        if result.state is TaskState.QUEUED:
+            self._wakeup.set()
+
+    async def _save_attempt(self, attempt: _Attempt, task: Task, text: str = "") -> None:
+        def saved(task: Task) -> None:
+            attempt.task = task
+
+        await self._save(task, attempt.task.sequence, text, saved)
+
+    async def _save(
+        self,
+        task: Task,
+        expected_sequence: int,
+        text: str = "",
+        on_saved: Callable[[Task], None] | None = None,
+    ) -> bool:
+        """Stores `task` if nobody changed it since `expected_sequence`, then publishes it.
+
+        Shielded: once a write is sent it is also published (and `on_saved` told), even if
+        the caller is cancelled meanwhile; a committed but unpublished change would leave
+        watchers waiting forever.
+        """
+        write = asyncio.ensure_future(self._store.update(task, expected_sequence))
+        try:
+            ok = await asyncio.shield(write)
+        except asyncio.CancelledError:
+            self._after_write(await write, task, text, on_saved)
+            raise
+        self._after_write(ok, task, text, on_saved)
+        return ok
+
+    def _after_write(
+        self, ok: bool, task: Task, text: str, on_saved: Callable[[Task], None] | None
+    ) -> None:
+        if not ok:
+            _log.info("task %s changed concurrently; dropped %s", task.id, task.state.value)
+            return
+        if on_saved is not None:
+            on_saved(task)
+        self._hub.publish(TaskEvent(EventKind.OUTPUT if text else EventKind.STATE, task, text))
+
+    async def _fail_deadline(self, task: Task) -> None:
+        await self._save(self._deadline_failure(task), task.sequence)
+
+    async def _expire_overdue(self) -> None:
+        """Fails queued tasks past their deadline (running ones time out in their attempt)."""
+        for task in await self._store.expired(self._clock.now(), 500):
+            if task.id not in self._running and task.state is TaskState.QUEUED:
+                await self._fail_deadline(task)
+
+    def running(self, task_id: str) -> bool:
+        return task_id in self._running
+
+    async def cancel(self, task_id: str) -> Task | None:
+        """Cancels the attempt running here and waits until CANCELLED is stored; None if the
+        task is not running in this process."""
+        attempt = self._running.get(task_id)
+        if attempt is None or attempt.runner is None:
+            return None
+        attempt.stop_reason = "client"
+        attempt.runner.cancel()
+        await attempt.done.wait()
+        return attempt.task
+
+    async def shutdown(self, grace_s: float = 0.0) -> None:
+        """Stops claiming; lets running attempts finish for `grace_s`, then hands the rest
+        back to the queue. Safe to call twice or before start."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._loop_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        attempts = list(self._running.values())
+        if attempts and grace_s > 0:
+            waiters = [asyncio.ensure_future(a.done.wait()) for a in attempts]
+            await asyncio.wait(waiters, timeout=grace_s)
+            for waiter in waiters:
+                waiter.cancel()
+        for attempt in list(self._running.values()):
+            if attempt.runner is not None:
+                attempt.stop_reason = "shutdown"
+                attempt.runner.cancel()
+        for attempt in attempts:
+            await attempt.done.wait()
+
+    def statistics(self) -> dict[str, object]:
+        return {
+            "running": len(self._running),
+            "capacity": self._capacity,
+            "busy": dict(self._busy),
+            "started": self.started,
+            "finished": dict(self.finished),
+        }
+
+
+async def _pump(
+    source: AsyncIterator[BackendEvent], events: asyncio.Queue[BackendEvent | BaseException | _End]
+) -> None:
+    try:
+        async for event in source:
+            events.put_nowait(event)
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - re-raised by the consumer
+        events.put_nowait(exc)
+    else:
+        events.put_nowait(_End())

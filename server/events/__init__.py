@@ -1,0 +1,1 @@
+"""Fan-out of task events to Stream watchers."""

@@ -1,0 +1,169 @@
+"""EventHub: fans out each task's persisted events to its watchers, in sequence order.
+
+Each watcher has its own bounded buffer, so a slow watcher never blocks the publisher or
+other watchers. When a buffer holds `coalesce_after` events, further output deltas are
+merged into the last buffered delta (the watcher skips intermediate sequence numbers but
+loses no text); state changes are never merged or dropped. Example with coalesce_after=2:
+
+    buffer [RUNNING#3, delta#4 "He"] + delta#5 "llo" → [RUNNING#3, delta#5 "Hello"]
+
+The hub also keeps a short history per task so a watcher that reconnects with
+`after_sequence` gets exactly the events it missed, and the latest task for a fast snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from server.model.task import Task
+
+
+class EventKind(enum.Enum):
+    SNAPSHOT = "snapshot"
+    STATE = "state"
+    OUTPUT = "output"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEvent:
+    """`task` is the task after the event; `text` is the appended output for OUTPUT."""
+
+    kind: EventKind
+    task: Task
+    text: str = ""
+
+    @property
+    def sequence(self) -> int:
+        return self.task.sequence
+
+
+class Watch:
+    """One watcher's buffer. Read with `await next_event()`; None means the hub closed."""
+
+    def __init__(self, task_id: str, coalesce_after: int) -> None:
+        self.task_id = task_id
+        self._coalesce_after = coalesce_after
+        self._buffer: deque[TaskEvent] = deque()
+        self._ready = asyncio.Event()
+        self._closed = False
+
+    def push(self, event: TaskEvent) -> None:
+        last = self._buffer[-1] if self._buffer else None
+        if (
+            len(self._buffer) >= self._coalesce_after
+            and event.kind is EventKind.OUTPUT
+            and last is not None
+            and last.kind is EventKind.OUTPUT
+        ):
+            self._buffer[-1] = TaskEvent(EventKind.OUTPUT, event.task, last.text + event.text)
+        else:
+            self._buffer.append(event)
+        self._ready.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._ready.set()
+
+    async def next_event(self) -> TaskEvent | None:
+        while not self._buffer:
+            if self._closed:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        return self._buffer.popleft()
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+
+@dataclass(slots=True)
+class _TaskLog:
+    latest: Task
+    events: deque[TaskEvent]
+
+
+class EventHub:
+    """Publishing is synchronous and O(watchers of that task); it never awaits."""
+
+    def __init__(
+        self,
+        history_per_task: int = 256,
+        finished_tasks_kept: int = 2000,
+        coalesce_after: int = 16,
+    ) -> None:
+        self._history_per_task = history_per_task
+        self._finished_kept = finished_tasks_kept
+        self._coalesce_after = coalesce_after
+        self._watches: dict[str, set[Watch]] = {}
+        # Recent events per task; unfinished tasks first, finished ones evicted oldest first.
+        self._logs: dict[str, _TaskLog] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._closed = False
+        self.published = 0
+
+    def publish(self, event: TaskEvent) -> None:
+        task_id = event.task.id
+        log = self._logs.get(task_id)
+        if log is None:
+            log = self._logs[task_id] = _TaskLog(event.task, deque(maxlen=self._history_per_task))
+        log.latest = event.task
+        log.events.append(event)
+        if event.task.is_terminal:
+            self._finished[task_id] = None
+            while len(self._finished) > self._finished_kept:
+                old, _ = self._finished.popitem(last=False)
+                self._logs.pop(old, None)
+        for watch in self._watches.get(task_id, ()):
+            watch.push(event)
+        self.published += 1
+
+    def latest(self, task_id: str) -> Task | None:
+        log = self._logs.get(task_id)
+        return None if log is None else log.latest
+
+    def history(self, task_id: str, after_sequence: int, upto: int) -> list[TaskEvent] | None:
+        """The events numbered after_sequence+1 … upto, or None if any of them is gone."""
+        log = self._logs.get(task_id)
+        if log is None:
+            return None
+        events = [e for e in log.events if after_sequence < e.sequence <= upto]
+        # Coalescing happens per watcher, not here: the history holds every sequence number
+        # that was published, so a complete replay starts right after `after_sequence`.
+        if not events or events[0].sequence != after_sequence + 1 or events[-1].sequence != upto:
+            return None
+        return events
+
+    @contextmanager
+    def subscribe(self, task_id: str) -> Iterator[Watch]:
+        watch = Watch(task_id, self._coalesce_after)
+        if self._closed:
+            watch.close()
+        self._watches.setdefault(task_id, set()).add(watch)
+        try:
+            yield watch
+        finally:
+            watchers = self._watches.get(task_id)
+            if watchers is not None:
+                watchers.discard(watch)
+                if not watchers:
+                    del self._watches[task_id]
+
+    def close(self) -> None:
+        """Ends every watch (shutdown): each Stream finishes cleanly instead of hanging."""
+        self._closed = True
+        for watchers in self._watches.values():
+            for watch in watchers:
+                watch.close()
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "watchers": sum(len(w) for w in self._watches.values()),
+            "tasks_tracked": len(self._logs),
+            "events_published": self.published,
+        }

@@ -1,0 +1,1 @@
+"""The domain: task values, the state machine and the error tree. Pure, no I/O."""

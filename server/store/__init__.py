@@ -1,0 +1,1 @@
+"""Durable task storage: the TaskStore protocol and its implementations."""

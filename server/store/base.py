@@ -1,0 +1,72 @@
+"""The TaskStore protocol: what the service needs from durable storage."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from server.model.task import Task, TaskState
+
+
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    """One page of a client's tasks, newest first; `before_cursor` continues a listing."""
+
+    client_id: str
+    states: frozenset[TaskState] = frozenset()
+    types: frozenset[str] = frozenset()
+    limit: int = 50
+    before_cursor: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListPage:
+    tasks: list[Task]
+    # Pass as ListQuery.before_cursor for the next page; None on the last page.
+    next_cursor: int | None
+
+
+class TaskStore(Protocol):
+    """Every write is durable when its awaitable returns, and is applied atomically."""
+
+    async def start(self) -> None:
+        """Opens the store and creates or migrates its schema."""
+        ...
+
+    async def close(self) -> None:
+        """Finishes pending writes and closes; safe to call twice or before start."""
+        ...
+
+    async def ping(self) -> None:
+        """Raises StoreError when the store cannot serve reads and writes."""
+        ...
+
+    async def create(self, task: Task) -> tuple[Task, bool]:
+        """Stores a new task; returns (task, True), or (the existing task, False) when the
+        client already submitted one with the same idempotency key."""
+        ...
+
+    async def get(self, task_id: str) -> Task | None: ...
+
+    async def list_page(self, query: ListQuery) -> ListPage: ...
+
+    async def update(self, task: Task, expected_sequence: int) -> bool:
+        """Replaces the stored task if its sequence is still `expected_sequence`.
+
+        Returns False (and writes nothing) when another writer changed it first: the
+        optimistic check that keeps the dispatcher and Cancel from overwriting each other.
+        """
+        ...
+
+    async def queued(self, limit: int, now: float) -> list[Task]:
+        """QUEUED tasks ready to run (not_before <= now), highest priority first, then oldest."""
+        ...
+
+    async def in_states(self, states: Sequence[TaskState], limit: int) -> list[Task]:
+        """Tasks in any of `states`, oldest first (recovery after a restart)."""
+        ...
+
+    async def expired(self, now: float, limit: int) -> list[Task]:
+        """Unfinished tasks whose deadline has passed."""
+        ...

@@ -1,0 +1,128 @@
+"""A writer thread that commits SQLite writes in groups: one transaction (one fsync) for
+every write that arrived while the previous transaction was committing.
+
+Why: with synchronous=FULL each COMMIT waits for the disk. Committing writes one by one
+would cap Submit at the disk's fsync rate; grouping lets throughput grow with load while
+every caller still gets its answer only after its write is durable. Each write runs inside
+its own SAVEPOINT, so one failing write (a constraint violation) rolls back alone.
+
+    loop thread:  submit(op) ─▶ queue ─▶ writer: BEGIN; op1; op2; … opN; COMMIT
+                  futures ◀── resolved together, one wake-up of the loop per group
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from server.model.errors import StoreError
+
+T = TypeVar("T")
+Write = Callable[[sqlite3.Connection], Any]
+_log = logging.getLogger(__name__)
+
+# Bounds one transaction so a huge backlog still commits (and answers) in steps.
+MAX_GROUP = 2000
+
+
+class GroupCommitWriter:
+    """Owns the only writing connection; `submit` is called from the event loop thread."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._connect = connect
+        # Items are (write, future, loop) or None to stop; guarded by the queue itself.
+        self._queue: queue.SimpleQueue[tuple[Write, asyncio.Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.groups = 0
+        self.writes = 0
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
+        self._thread.start()
+
+    async def submit(self, write: Callable[[sqlite3.Connection], T]) -> T:
+        if self._thread is None or self._loop is None:
+            raise StoreError("the store is not open")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put((write, future))
+        return await future
+
+    async def close(self) -> None:
+        if self._thread is None:
+            return
+        thread, self._thread = self._thread, None
+        self._queue.put(None)
+        await asyncio.to_thread(thread.join)
+
+    def _run(self) -> None:
+        conn = self._connect()
+        try:
+            while True:
+                first = self._queue.get()
+                if first is None:
+                    return
+                group = [first]
+                stop = False
+                while len(group) < MAX_GROUP:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stop = True
+                        break
+                    group.append(item)
+                self._commit(conn, group)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _commit(
+        self, conn: sqlite3.Connection, group: list[tuple[Write, asyncio.Future[Any]]]
+    ) -> None:
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for write, future in group:
+                conn.execute("SAVEPOINT w")
+                try:
+                    result = write(conn)
+                except Exception as exc:  # noqa: BLE001 - handed to the caller's future
+                    conn.execute("ROLLBACK TO w")
+                    outcomes.append((future, None, exc))
+                else:
+                    outcomes.append((future, result, None))
+                conn.execute("RELEASE w")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _log.exception("sqlite group commit failed")
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            error = StoreError(f"the task store could not commit: {exc}")
+            outcomes = [(future, None, error) for _, future in group]
+        self.groups += 1
+        self.writes += len(group)
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop closed while we committed
+            self._loop.call_soon_threadsafe(_resolve_all, outcomes)
+
+
+def _resolve_all(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, result, error in outcomes:
+        if future.done():  # the caller was cancelled; its write is committed all the same
+            continue
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)

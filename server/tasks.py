@@ -1,0 +1,179 @@
+"""TaskManager: the operations behind TaskService, in domain terms (no protobuf here)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from collections.abc import AsyncIterator, Callable, Set
+
+from .admission.validate import validate_spec
+from .clock import Clock
+from .config import TaskLimits
+from .dispatch.dispatcher import Dispatcher
+from .events.hub import EventHub, EventKind, TaskEvent
+from .model import states
+from .model.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
+from .model.task import Task, TaskSpec, TaskState
+from .store.base import ListQuery, TaskStore
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+class TaskManager:
+    def __init__(
+        self,
+        store: TaskStore,
+        hub: EventHub,
+        dispatcher: Dispatcher,
+        clock: Clock,
+        limits: TaskLimits,
+        known_types: Set[str],
+        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    ) -> None:
+        self._store = store
+        self._hub = hub
+        self._dispatcher = dispatcher
+        self._clock = clock
+        self._limits = limits
+        self._known_types = frozenset(known_types)
+        self._new_id = new_id
+        self._accepting = True
+
+    def stop_accepting(self) -> None:
+        """From now on Submit answers UNAVAILABLE (the server is shutting down)."""
+        self._accepting = False
+
+    async def submit(self, client_id: str, spec: TaskSpec) -> tuple[Task, bool]:
+        if not self._accepting:
+            raise UnavailableError("the server is shutting down; submit to another replica")
+        spec = validate_spec(spec, self._limits, self._known_types)
+        now = self._clock.now()
+        task = Task(
+            id=self._new_id(),
+            client_id=client_id,
+            spec=spec,
+            state=TaskState.QUEUED,
+            created_at=now,
+            deadline=now + spec.timeout_s,
+        )
+        stored, created = await self._store.create(task)
+        if not created:
+            if stored.spec != spec:
+                raise AlreadyExistsError(
+                    f"idempotency key {spec.idempotency_key!r} was used for a different task"
+                    f" ({stored.id}); use a new key for a new task"
+                )
+            return stored, False
+        self._hub.publish(TaskEvent(EventKind.STATE, stored))
+        self._dispatcher.notify()
+        return stored, True
+
+    async def get(self, client_id: str, task_id: str) -> Task:
+        _check_id(task_id)
+        task = self._hub.latest(task_id) or await self._store.get(task_id)
+        # Another client's task answers NOT_FOUND too: its existence is not theirs to learn.
+        if task is None or task.client_id != client_id:
+            raise NotFoundError(task_id)
+        return task
+
+    async def list(
+        self,
+        client_id: str,
+        states_: Set[TaskState],
+        types: Set[str],
+        page_size: int,
+        page_token: str,
+    ) -> tuple[list[Task], str]:
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            raise InvalidArgumentError.single("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
+        query = ListQuery(
+            client_id=client_id,
+            states=frozenset(states_),
+            types=frozenset(types),
+            limit=page_size or DEFAULT_PAGE_SIZE,
+            before_cursor=_decode_page_token(page_token),
+        )
+        page = await self._store.list_page(query)
+        token = "" if page.next_cursor is None else _encode_page_token(page.next_cursor)
+        return page.tasks, token
+
+    async def cancel(self, client_id: str, task_id: str) -> Task:
+        while True:
+            task = await self.get(client_id, task_id)
+            if task.is_terminal:
+                raise FailedPreconditionError(
+                    f"task {task_id} already finished ({task.state.value}); nothing to cancel"
+                )
+            if self._dispatcher.running(task_id):
+                stopped = await self._dispatcher.cancel(task_id)
+                if stopped is not None and stopped.state is TaskState.CANCELLED:
+                    return stopped
+                continue  # it finished or moved meanwhile: look again
+            cancelled = states.cancel(task, self._clock.now())
+            if await self._store.update(cancelled, task.sequence):
+                self._hub.publish(TaskEvent(EventKind.STATE, cancelled))
+                return cancelled
+            # The dispatcher claimed or changed it between our read and write: look again.
+
+    async def watch(
+        self, client_id: str, task_id: str, after_sequence: int
+    ) -> AsyncIterator[TaskEvent]:
+        """The task's snapshot (or the events after `after_sequence`), then each new event
+        in order, ending after the terminal state."""
+        if after_sequence < 0:
+            raise InvalidArgumentError.single("after_sequence", "must not be negative")
+        with self._hub.subscribe(task_id) as watch:
+            # Subscribed first, read second: nothing published in between is missed.
+            current = await self.get(client_id, task_id)
+            last = after_sequence
+            if after_sequence < current.sequence:
+                replay = None
+                if after_sequence > 0:
+                    replay = self._hub.history(task_id, after_sequence, current.sequence)
+                if replay is None:
+                    replay = [TaskEvent(EventKind.SNAPSHOT, current)]
+                for replayed in replay:
+                    yield replayed
+                last = current.sequence
+            if current.is_terminal:
+                return
+            while (event := await watch.next_event()) is not None:
+                if event.sequence <= last:
+                    continue
+                yield event
+                last = event.sequence
+                if event.kind is EventKind.STATE and event.task.is_terminal:
+                    return
+
+
+def _check_id(task_id: str) -> None:
+    if not task_id:
+        raise InvalidArgumentError.single("task_id", "required")
+    if len(task_id) > 64:
+        raise InvalidArgumentError.single("task_id", "not a task id (at most 64 characters)")
+
+
+def _encode_page_token(cursor: int) -> str:
+    return base64.urlsafe_b64encode(f"v1:{cursor}".encode()).decode()
+
+
+def _decode_page_token(token: str) -> int | None:
+    if not token:
+        return None
+    try:
+        version, cursor = base64.urlsafe_b64decode(token.encode()).decode().split(":")
+        if version != "v1":
+            raise ValueError(version)
+        return int(cursor)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidArgumentError.single(
+            "page_token", "not a token from a previous List response; omit it for the first page"
+        ) from None
