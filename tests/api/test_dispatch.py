@@ -1,0 +1,252 @@
+"""Dispatch through the real server: cancellation, priorities, deadlines and retries."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2, struct_pb2
+
+from client._proto.taskring.v1 import tasks_pb2 as pb
+from server.backends.base import BackendError, BackendEvent, Completed, OutputChunk
+from server.model.task import CustomInput, CustomOutput, Task
+from tests.conftest import StartServer, chat_spec, local_backends, submit, wait_terminal
+
+
+def custom_spec(task_type: str, **fields: object) -> pb.TaskSpec:
+    data = struct_pb2.Struct()
+    data.update(
+        {k: v for k, v in fields.items() if k not in {"priority", "timeout", "max_attempts"}}
+    )
+    extra = {k: v for k, v in fields.items() if k in {"priority", "timeout", "max_attempts"}}
+    return pb.TaskSpec(type=task_type, custom=data, **extra)  # type: ignore[arg-type]
+
+
+class Gate:
+    """A handler that starts, then waits for the test to open the gate; records what happened."""
+
+    def __init__(self) -> None:
+        self.opened = asyncio.Event()
+        self.started = asyncio.Event()
+        self.cancelled = asyncio.Event()
+        self.finished = False
+
+    async def __call__(self, task: Task) -> AsyncIterator[BackendEvent]:
+        self.started.set()
+        yield OutputChunk("working")
+        try:
+            await self.opened.wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        self.finished = True
+        yield Completed(CustomOutput({"done": True}))
+
+
+async def test_cancel_running_task_stops_its_execution(start_server: StartServer) -> None:
+    """Cancel of a RUNNING task cancels the work on its executor and ends CANCELLED."""
+    gate = Gate()
+    server = await start_server(local_backends(extra={"gate": gate}))
+    task = await submit(server.stub, custom_spec("gate"))
+    await asyncio.wait_for(gate.started.wait(), 5)
+    cancelled = (await server.stub.Cancel(pb.CancelRequest(task_id=task.id))).task
+    assert cancelled.state == pb.TASK_STATE_CANCELLED
+    assert gate.cancelled.is_set(), "the running execution must really be cancelled"
+    assert not gate.finished
+    final = await wait_terminal(server.stub, task.id)
+    assert final.state == pb.TASK_STATE_CANCELLED
+    assert final.error.code == "CANCELLED"
+
+
+async def test_cancel_queued_task_never_runs(start_server: StartServer) -> None:
+    """A task cancelled while QUEUED (its backend busy) is never started."""
+    blocker = Gate()
+    ran: list[str] = []
+
+    async def record(task: Task) -> AsyncIterator[BackendEvent]:
+        ran.append(task.id)
+        yield Completed(CustomOutput({}))
+
+    server = await start_server(
+        local_backends(count=1, max_concurrency=1, extra={"gate": blocker, "record": record})
+    )
+    await submit(server.stub, custom_spec("gate"))
+    await asyncio.wait_for(blocker.started.wait(), 5)
+    queued = await submit(server.stub, custom_spec("record"))
+    cancelled = (await server.stub.Cancel(pb.CancelRequest(task_id=queued.id))).task
+    assert cancelled.state == pb.TASK_STATE_CANCELLED
+    assert cancelled.attempt == 0
+    blocker.opened.set()
+    after = await submit(server.stub, custom_spec("record"))
+    await wait_terminal(server.stub, after.id)
+    assert ran == [after.id]
+
+
+async def test_priority_order_urgent_high_normal_low(start_server: StartServer) -> None:
+    """Queued tasks start in priority order, then oldest first within one priority."""
+    blocker = Gate()
+    order: list[str] = []
+
+    async def record(task: Task) -> AsyncIterator[BackendEvent]:
+        assert isinstance(task.spec.input, CustomInput)
+        order.append(str(task.spec.input.data["name"]))
+        yield Completed(CustomOutput({}))
+
+    server = await start_server(
+        local_backends(count=1, max_concurrency=1, extra={"gate": blocker, "record": record})
+    )
+    await submit(server.stub, custom_spec("gate"))
+    await asyncio.wait_for(blocker.started.wait(), 5)
+    submitted = []
+    for name, priority in [
+        ("low", pb.PRIORITY_LOW),
+        ("normal-1", pb.PRIORITY_UNSPECIFIED),
+        ("urgent", pb.PRIORITY_URGENT),
+        ("normal-2", pb.PRIORITY_NORMAL),
+        ("high", pb.PRIORITY_HIGH),
+    ]:
+        submitted.append(
+            await submit(server.stub, custom_spec("record", name=name, priority=priority))
+        )
+    blocker.opened.set()
+    for task in submitted:
+        await wait_terminal(server.stub, task.id)
+    assert order == ["urgent", "high", "normal-1", "normal-2", "low"]
+
+
+async def test_running_task_past_its_deadline_fails_with_deadline_error(
+    start_server: StartServer,
+) -> None:
+    """A task that runs longer than its timeout is stopped and FAILED with DEADLINE_EXCEEDED."""
+    gate = Gate()
+    server = await start_server(local_backends(extra={"gate": gate}))
+    spec = custom_spec("gate", timeout=duration_pb2.Duration(nanos=200_000_000))
+    task = await submit(server.stub, spec)
+    final = await asyncio.wait_for(wait_terminal(server.stub, task.id), 10)
+    assert final.state == pb.TASK_STATE_FAILED
+    assert final.error.code == "DEADLINE_EXCEEDED"
+    assert gate.cancelled.is_set()
+
+
+async def test_queued_task_past_its_deadline_fails_without_running(
+    start_server: StartServer,
+) -> None:
+    """A task still waiting for a backend when its deadline passes fails and never runs."""
+    blocker = Gate()
+    ran: list[str] = []
+
+    async def record(task: Task) -> AsyncIterator[BackendEvent]:
+        ran.append(task.id)
+        yield Completed(CustomOutput({}))
+
+    server = await start_server(
+        local_backends(count=1, max_concurrency=1, extra={"gate": blocker, "record": record})
+    )
+    await submit(server.stub, custom_spec("gate"))
+    await asyncio.wait_for(blocker.started.wait(), 5)
+    doomed = await submit(
+        server.stub, custom_spec("record", timeout=duration_pb2.Duration(nanos=100_000_000))
+    )
+    final = await asyncio.wait_for(wait_terminal(server.stub, doomed.id), 10)
+    assert final.state == pb.TASK_STATE_FAILED
+    assert final.error.code == "DEADLINE_EXCEEDED"
+    assert final.attempt == 0
+    blocker.opened.set()
+    assert ran == []
+
+
+async def test_retryable_failure_retries_on_next_member_until_success(
+    start_server: StartServer,
+) -> None:
+    """A retryable failure re-queues the task; the next attempt runs on another member."""
+    seen: list[tuple[int, str]] = []
+
+    def flaky(backend: str):  # type: ignore[no-untyped-def]
+        async def run(task: Task) -> AsyncIterator[BackendEvent]:
+            seen.append((task.attempt, backend))
+            if task.attempt < 3:
+                raise BackendError("BACKEND_ERROR", "overloaded", retryable=True)
+            yield Completed(CustomOutput({"attempt": task.attempt}))
+
+        return run
+
+    backends = {}
+    for name, backend in local_backends().items():
+        backends[name] = type(backend)(name, {"flaky": flaky(name)}, 4)
+    server = await start_server(backends)
+    task = await submit(server.stub, custom_spec("flaky", max_attempts=3))
+    final = await wait_terminal(server.stub, task.id)
+    assert final.state == pb.TASK_STATE_SUCCEEDED
+    assert final.attempt == 3
+    assert [attempt for attempt, _ in seen] == [1, 2, 3]
+    assert len({backend for _, backend in seen}) >= 2, seen
+
+
+async def test_non_retryable_failure_fails_at_once(start_server: StartServer) -> None:
+    """An error that retrying cannot fix ends the task FAILED after one attempt."""
+
+    async def broken(task: Task) -> AsyncIterator[BackendEvent]:
+        raise BackendError("INVALID_INPUT", "the model rejected the prompt", retryable=False)
+        yield OutputChunk("")  # pragma: no cover
+
+    server = await start_server(local_backends(extra={"broken": broken}))
+    task = await submit(server.stub, custom_spec("broken", max_attempts=5))
+    final = await wait_terminal(server.stub, task.id)
+    assert final.state == pb.TASK_STATE_FAILED
+    assert final.attempt == 1
+    assert final.error.code == "INVALID_INPUT"
+    assert "rejected" in final.error.message
+    assert not final.error.retryable
+
+
+async def test_handler_bug_fails_task_and_server_keeps_serving(start_server: StartServer) -> None:
+    """An exception a handler did not mean to raise fails its task as INTERNAL only."""
+
+    async def buggy(task: Task) -> AsyncIterator[BackendEvent]:
+        raise ZeroDivisionError("oops")
+        yield OutputChunk("")  # pragma: no cover
+
+    server = await start_server(local_backends(extra={"buggy": buggy}))
+    final = await wait_terminal(server.stub, (await submit(server.stub, custom_spec("buggy"))).id)
+    assert final.state == pb.TASK_STATE_FAILED
+    assert final.error.code == "INTERNAL"
+    assert "oops" not in final.error.message
+    ok = await wait_terminal(server.stub, (await submit(server.stub, chat_spec())).id)
+    assert ok.state == pb.TASK_STATE_SUCCEEDED
+
+
+async def test_attempts_run_within_each_backends_concurrency(start_server: StartServer) -> None:
+    """No backend ever runs more attempts at once than its max concurrency."""
+    active: dict[str, int] = {}
+    peak: dict[str, int] = {}
+
+    def counting(backend: str):  # type: ignore[no-untyped-def]
+        async def run(task: Task) -> AsyncIterator[BackendEvent]:
+            active[backend] = active.get(backend, 0) + 1
+            peak[backend] = max(peak.get(backend, 0), active[backend])
+            await asyncio.sleep(0.01)
+            active[backend] -= 1
+            yield Completed(CustomOutput({}))
+
+        return run
+
+    backends = {}
+    for name, backend in local_backends().items():
+        backends[name] = type(backend)(name, {"count": counting(name)}, 2)
+    server = await start_server(backends)
+    tasks = [await submit(server.stub, custom_spec("count")) for _ in range(30)]
+    finals = await asyncio.gather(*(wait_terminal(server.stub, t.id) for t in tasks))
+    assert all(f.state == pb.TASK_STATE_SUCCEEDED for f in finals)
+    assert max(peak.values()) <= 2
+    assert sum(peak.values()) >= 4, "work should spread over several members under load"
+
+
+async def test_submit_during_shutdown_is_unavailable(start_server: StartServer) -> None:
+    """Once shutdown began, Submit answers UNAVAILABLE instead of accepting work."""
+    server = await start_server()
+    server.app.tasks.stop_accepting()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await submit(server.stub, chat_spec())
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE

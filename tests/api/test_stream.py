@@ -1,0 +1,133 @@
+"""Stream: snapshot first, then every state change and output delta in order; resume."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from client._proto.taskring.v1 import tasks_pb2 as pb
+from tests.conftest import Running, StartServer, chat_spec, submit, watch_all
+
+
+def kinds(events: list[pb.StreamResponse]) -> list[str]:
+    out = []
+    for event in events:
+        which = event.WhichOneof("event")
+        if which == "state_changed":
+            out.append(
+                pb.TaskState.Name(event.state_changed.task.state).removeprefix("TASK_STATE_")
+            )
+        else:
+            out.append(str(which))
+    return out
+
+
+def streamed_text(events: list[pb.StreamResponse]) -> str:
+    return "".join(e.output_delta.text for e in events if e.HasField("output_delta"))
+
+
+async def slow_server(start_server: StartServer) -> Running:
+    # 20 ms per token: slow enough that every delta is published on its own.
+    return await start_server(token_delay_s=0.02)
+
+
+async def test_stream_shows_snapshot_then_each_token_then_success(
+    start_server: StartServer,
+) -> None:
+    """A watcher sees the queued snapshot, RUNNING, the reply token by token, SUCCEEDED."""
+    server = await slow_server(start_server)
+    task = await submit(server.stub, chat_spec("one two three"))
+    events = await watch_all(server.stub, task.id)
+    assert kinds(events)[0] == "snapshot"
+    snapshot = events[0].snapshot
+    states = [pb.TaskState.Name(snapshot.state).removeprefix("TASK_STATE_")]
+    states += [k for k in kinds(events[1:]) if k != "output_delta"]
+    # The watch may begin while the task is still QUEUED or already RUNNING.
+    assert states in (["QUEUED", "RUNNING", "SUCCEEDED"], ["RUNNING", "SUCCEEDED"])
+    sequences = [e.sequence for e in events]
+    assert sequences == sorted(set(sequences)), "strictly increasing, no repeats"
+    assert sequences == list(range(sequences[0], sequences[0] + len(sequences))), "no gaps"
+    deltas = [e.output_delta.text for e in events if e.HasField("output_delta")]
+    assert snapshot.output.chat.text + "".join(deltas) == "[local-echo] one two three"
+    assert deltas[-3:] == ["one ", "two ", "three"], "each token arrives as it is generated"
+    final = events[-1].state_changed.task
+    assert final.sequence == events[-1].sequence
+    assert final.output.chat.text == snapshot.output.chat.text + streamed_text(events)
+
+
+async def test_stream_of_finished_task_is_one_snapshot(server: Running) -> None:
+    """Watching a finished task returns its final snapshot and ends."""
+    task = await submit(server.stub, chat_spec())
+    await watch_all(server.stub, task.id)
+    events = await watch_all(server.stub, task.id)
+    assert kinds(events) == ["snapshot"]
+    assert events[0].snapshot.state == pb.TASK_STATE_SUCCEEDED
+
+
+async def test_stream_resumes_from_sequence_after_reconnect(start_server: StartServer) -> None:
+    """A watch dropped midway resumes with after_sequence: no gaps, no repeats."""
+    server = await slow_server(start_server)
+    task = await submit(server.stub, chat_spec("alpha beta gamma delta epsilon"))
+    call = server.stub.Stream(pb.StreamRequest(task_id=task.id))
+    first: list[pb.StreamResponse] = []
+    async for event in call:
+        first.append(event)
+        if event.HasField("output_delta") and len(first) >= 4:
+            break
+    call.cancel()
+    resumed = await watch_all(server.stub, task.id, after_sequence=first[-1].sequence)
+    assert resumed, "events after the drop must be delivered"
+    assert resumed[0].sequence == first[-1].sequence + 1
+    assert not any(e.HasField("snapshot") for e in resumed)
+    combined = first + resumed
+    sequences = [e.sequence for e in combined]
+    assert sequences == list(range(sequences[0], sequences[0] + len(sequences)))
+    final = resumed[-1].state_changed.task
+    assert final.state == pb.TASK_STATE_SUCCEEDED
+    assert streamed_text(combined) == final.output.chat.text
+
+
+async def test_resume_after_the_end_returns_nothing_more(server: Running) -> None:
+    """Resuming at the final sequence of a finished task ends at once with no events."""
+    task = await submit(server.stub, chat_spec())
+    events = await watch_all(server.stub, task.id)
+    assert await watch_all(server.stub, task.id, after_sequence=events[-1].sequence) == []
+
+
+async def test_resume_without_history_falls_back_to_snapshot(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """After a restart the old events are gone: a resume gets a full snapshot instead."""
+    db = tmp_path / "restart.db"
+    first = await start_server(db=db)
+    task = await submit(first.stub, chat_spec("x y"))
+    events = await watch_all(first.stub, task.id)
+    await first.app.stop()
+    second = await start_server(db=db)
+    resumed = await watch_all(second.stub, task.id, after_sequence=2)
+    assert kinds(resumed) == ["snapshot"]
+    assert resumed[0].snapshot.output.chat.text == events[-1].state_changed.task.output.chat.text
+
+
+async def test_many_watchers_all_get_every_event(start_server: StartServer) -> None:
+    """Ten watchers of one task each see the same complete sequence of events."""
+    server = await slow_server(start_server)
+    task = await submit(server.stub, chat_spec("a b c d"))
+    results = await asyncio.gather(*(watch_all(server.stub, task.id) for _ in range(10)))
+    finals = {r[-1].sequence for r in results}
+    assert len(finals) == 1
+    # Watchers that joined later start from a later snapshot; all end with the full text.
+    for events in results:
+        snapshot_text = events[0].snapshot.output.chat.text
+        assert snapshot_text + streamed_text(events) == "[local-echo] a b c d"
+
+
+async def test_stream_of_cancelled_task_ends_cancelled(start_server: StartServer) -> None:
+    """A watcher of a task that gets cancelled sees CANCELLED last and the stream ends."""
+    server = await start_server(token_delay_s=0.5)
+    task = await submit(server.stub, chat_spec("a b c d e f g"))
+    watcher = asyncio.create_task(watch_all(server.stub, task.id))
+    await asyncio.sleep(0.1)
+    await server.stub.Cancel(pb.CancelRequest(task_id=task.id))
+    events = await asyncio.wait_for(watcher, 5)
+    assert kinds(events)[-1] == "CANCELLED"

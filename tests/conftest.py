@@ -1,0 +1,203 @@
+"""Fixtures that start real servers on 127.0.0.1:0 with real SQLite files, and clean up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from client._proto.taskring.v1 import tasks_pb2 as pb
+from client._proto.taskring.v1 import tasks_pb2_grpc
+from server.app import App
+from server.backends.base import Backend, BackendEvent
+from server.backends.local import LocalBackend, LocalModelSettings, builtin_handlers
+from server.config import (
+    LocalExecutorSettings,
+    ServerSettings,
+    Settings,
+    StoreSettings,
+)
+from server.dispatch.dispatcher import DispatchSettings
+from server.dispatch.retry import RetryPolicy
+from server.model.task import Task
+
+ROOT = Path(__file__).resolve().parent.parent
+Handler = Callable[[Task], "AsyncIterator[BackendEvent]"]
+
+
+def make_settings(db: Path, **local: float) -> Settings:
+    return Settings(
+        server=ServerSettings(listen="127.0.0.1:0", shutdown_grace_s=0.5),
+        store=StoreSettings(url=f"sqlite:///{db}"),
+        local=LocalExecutorSettings(
+            count=int(local.get("count", 3)),
+            max_concurrency=int(local.get("max_concurrency", 8)),
+            token_delay_s=float(local.get("token_delay_s", 0.0)),
+        ),
+    )
+
+
+def local_backends(
+    count: int = 3,
+    max_concurrency: int = 8,
+    token_delay_s: float = 0.0,
+    extra: Mapping[str, Handler] | None = None,
+) -> dict[str, Backend]:
+    """The built-in offline types plus test handlers (real implementations, no mocks)."""
+    handlers = {
+        **builtin_handlers(LocalModelSettings(token_delay_s=token_delay_s)),
+        **(extra or {}),
+    }
+    return {
+        f"local-{i}": LocalBackend(f"local-{i}", handlers, max_concurrency)
+        for i in range(1, count + 1)
+    }
+
+
+@dataclass
+class Running:
+    """An in-process server and a channel to it."""
+
+    app: App
+    channel: grpc.aio.Channel
+    stub: tasks_pb2_grpc.TaskServiceStub
+
+
+FAST_RETRY = DispatchSettings(poll_interval_s=0.05, retry=RetryPolicy(0.01, 0.05))
+
+
+StartServer = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def start_server(tmp_path: Path) -> AsyncIterator[StartServer]:
+    """`await start_server(backends=..., db=...)` starts an App; all are stopped after."""
+    started: list[Running] = []
+
+    async def start(
+        backends: Mapping[str, Backend] | None = None,
+        db: Path | None = None,
+        dispatch: DispatchSettings = FAST_RETRY,
+        **local: float,
+    ) -> Running:
+        settings = make_settings(db or tmp_path / "tasks.db", **local)
+        if backends is None:
+            backends = local_backends(
+                count=settings.local.count,
+                max_concurrency=settings.local.max_concurrency,
+                token_delay_s=settings.local.token_delay_s,
+            )
+        app = App(settings, backends=backends, dispatch=dispatch)
+        await app.start()
+        channel = grpc.aio.insecure_channel(app.address)
+        running = Running(app, channel, tasks_pb2_grpc.TaskServiceStub(channel))
+        started.append(running)
+        return running
+
+    yield start
+    for running in reversed(started):
+        await running.channel.close()
+        await running.app.stop()
+
+
+@pytest.fixture
+async def server(start_server: StartServer) -> Running:
+    """A server with three zero-delay local executors."""
+    return await start_server()
+
+
+def chat_spec(text: str = "hello world", **fields: object) -> pb.TaskSpec:
+    return pb.TaskSpec(
+        chat=pb.ChatInput(model="local-echo", messages=[pb.ChatMessage(role="user", content=text)]),
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def submit(stub: tasks_pb2_grpc.TaskServiceStub, spec: pb.TaskSpec) -> pb.Task:
+    response = await stub.Submit(pb.SubmitRequest(task=spec))
+    return response.task
+
+
+async def watch_all(
+    stub: tasks_pb2_grpc.TaskServiceStub, task_id: str, after_sequence: int = 0
+) -> list[pb.StreamResponse]:
+    """Every event of one watch, until the server ends the stream."""
+    call = stub.Stream(pb.StreamRequest(task_id=task_id, after_sequence=after_sequence))
+    return [event async for event in call]
+
+
+async def wait_terminal(stub: tasks_pb2_grpc.TaskServiceStub, task_id: str) -> pb.Task:
+    """The task's final state, seen on Stream (no polling)."""
+    events = await watch_all(stub, task_id)
+    last = events[-1]
+    return last.snapshot if last.HasField("snapshot") else last.state_changed.task
+
+
+# ----------------------------------------------------------------- server subprocesses
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[str]
+    address: str
+    env: dict[str, str] = field(default_factory=dict)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self._close_pipe()
+
+    def terminate(self, timeout_s: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=timeout_s)
+        self._close_pipe()
+        return self.process.returncode
+
+    def _close_pipe(self) -> None:
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+def spawn_server(db: Path, **env: str) -> ServerProcess:
+    """`python -m server` on a free loopback port; waits for its 'listening on' line."""
+    full_env = {
+        **os.environ,
+        "TASKRING_LISTEN": "127.0.0.1:0",
+        "TASKRING_STORE": f"sqlite:///{db}",
+        "TASKRING_LOCAL_TOKEN_DELAY_S": "0",
+        **env,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server"],
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()  # bounded by the test's timeout
+    if "listening on" not in line:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        raise RuntimeError(f"server did not start: {line!r}")
+    return ServerProcess(process, line.rsplit(" ", 1)[-1].strip(), full_env)
+
+
+@pytest.fixture
+def server_processes() -> Iterator[list[ServerProcess]]:
+    """Collects spawned servers and kills whatever is still running at the end."""
+    processes: list[ServerProcess] = []
+    yield processes
+    for process in processes:
+        process.kill()
