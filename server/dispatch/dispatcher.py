@@ -152,11 +152,19 @@ class Dispatcher:
         return claimed
 
     def _route(self, task: Task) -> str | None:
-        """The first member clockwise from the task's key that serves its type and has a free
-        slot: the owner while it has room, its successors under load."""
-        for name in self._ring.walk(routing_key(task)):
-            backend = self._backends[name]
-            if task.spec.type in backend.task_types and self._busy[name] < backend.max_concurrency:
+        """Walks the ring clockwise from the task's key: attempt n starts at the n-th distinct
+        member (a retry goes to the owner's successor, not back to the member that just
+        failed), then takes the first member that serves the type and has a free slot."""
+        walk = [
+            name
+            for name in self._ring.walk(routing_key(task))
+            if task.spec.type in self._backends[name].task_types
+        ]
+        if not walk:
+            return None
+        start = task.attempt % len(walk)
+        for name in walk[start:] + walk[:start]:
+            if self._busy[name] < self._backends[name].max_concurrency:
                 return name
         return None
 

@@ -100,7 +100,7 @@ class GroupCommitWriter:
                     result = write(conn)
                 except Exception as exc:  # noqa: BLE001 - handed to the caller's future
                     conn.execute("ROLLBACK TO w")
-                    outcomes.append((future, None, exc))
+                    outcomes.append((future, None, _translate(exc)))
                 else:
                     outcomes.append((future, result, None))
                 conn.execute("RELEASE w")
@@ -116,6 +116,15 @@ class GroupCommitWriter:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # the loop closed while we committed
             self._loop.call_soon_threadsafe(_resolve_all, outcomes)
+
+
+def _translate(exc: Exception) -> Exception:
+    """sqlite3 errors become StoreError here, at the boundary; others pass unchanged."""
+    if isinstance(exc, sqlite3.Error):
+        error = StoreError(f"the task store refused a write: {exc}")
+        error.__cause__ = exc
+        return error
+    return exc
 
 
 def _resolve_all(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:

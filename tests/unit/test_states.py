@@ -1,0 +1,102 @@
+"""The state machine: every allowed transition works, every other one is refused."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from server.model import states
+from server.model.errors import InvalidTransitionError
+from server.model.task import (
+    ChatInput,
+    ChatMessage,
+    ChatOutput,
+    Task,
+    TaskError,
+    TaskSpec,
+    TaskState,
+    Usage,
+)
+
+SPEC = TaskSpec(type="chat", input=ChatInput("local-echo", (ChatMessage("user", "hi"),)))
+
+
+def task_in(state: TaskState) -> Task:
+    return Task(
+        id="t1", client_id="c", spec=SPEC, state=state, created_at=1.0, deadline=100.0, sequence=5
+    )
+
+
+EXPECTED = {
+    (TaskState.QUEUED, TaskState.RUNNING),
+    (TaskState.QUEUED, TaskState.CANCELLED),
+    (TaskState.QUEUED, TaskState.FAILED),
+    (TaskState.RUNNING, TaskState.SUCCEEDED),
+    (TaskState.RUNNING, TaskState.FAILED),
+    (TaskState.RUNNING, TaskState.CANCELLED),
+    (TaskState.RUNNING, TaskState.QUEUED),
+}
+
+
+@pytest.mark.parametrize(("current", "to"), list(itertools.product(TaskState, TaskState)))
+def test_transition_table_allows_exactly_the_documented_moves(
+    current: TaskState, to: TaskState
+) -> None:
+    """QUEUED→RUNNING|CANCELLED|FAILED, RUNNING→SUCCEEDED|FAILED|CANCELLED|QUEUED, no more."""
+    assert states.can_transition(current, to) == ((current, to) in EXPECTED)
+
+
+def test_terminal_states_have_no_way_out() -> None:
+    """SUCCEEDED, FAILED and CANCELLED are final."""
+    for state in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED):
+        assert state.is_terminal
+        with pytest.raises(InvalidTransitionError):
+            states.cancel(task_in(state), 2.0)
+        with pytest.raises(InvalidTransitionError):
+            states.start(task_in(state), "b", 2.0)
+
+
+def test_start_begins_a_new_attempt_on_a_backend() -> None:
+    """QUEUED→RUNNING counts the attempt, names the backend and clears old output."""
+    started = states.start(task_in(TaskState.QUEUED), "local-1", 3.0)
+    assert (started.state, started.attempt, started.backend, started.started_at) == (
+        TaskState.RUNNING,
+        1,
+        "local-1",
+        3.0,
+    )
+    assert started.sequence == 6
+
+
+def test_every_change_advances_the_sequence_by_one() -> None:
+    """Watchers order and resume by sequence: each change takes the next number."""
+    task = states.start(task_in(TaskState.QUEUED), "b", 1.0)
+    task = states.append_output(task, "Hel")
+    task = states.append_output(task, "lo")
+    assert task.output == ChatOutput("Hello")
+    done = states.succeed(task, ChatOutput("Hello", "stop"), Usage(1, 2), 2.0)
+    assert [task.sequence, done.sequence] == [8, 9]
+    assert done.ended_at == 2.0
+
+
+def test_requeue_keeps_the_error_and_waits_for_backoff() -> None:
+    """A retry goes back to QUEUED with the failed attempt's error and a not-before time."""
+    running = states.start(task_in(TaskState.QUEUED), "b", 1.0)
+    error = TaskError("BACKEND_ERROR", "overloaded", retryable=True)
+    queued = states.requeue(running, error, not_before=4.0)
+    assert (queued.state, queued.error, queued.not_before, queued.attempt) == (
+        TaskState.QUEUED,
+        error,
+        4.0,
+        1,
+    )
+    again = states.start(queued, "c", 5.0)
+    assert again.attempt == 2
+    assert again.not_before == 0.0
+
+
+def test_output_only_while_running() -> None:
+    """Output deltas outside RUNNING are a bug, refused loudly."""
+    with pytest.raises(InvalidTransitionError):
+        states.append_output(task_in(TaskState.QUEUED), "x")
