@@ -11,17 +11,23 @@ import sys
 
 from .app import App
 from .config import ConfigError, Settings
+from .model.errors import StoreError
 
 _log = logging.getLogger("taskring")
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings) -> int:
     app = App(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await app.start()
+    try:
+        await app.start()
+    except (StoreError, RuntimeError) as exc:  # grpc raises RuntimeError for a busy port
+        _log.error("cannot start: %s", exc)
+        await app.stop()
+        return 1
     # Tests and scripts read this line to learn the port (TASKRING_LISTEN=127.0.0.1:0).
     print(f"taskring listening on {app.address}", flush=True)
     _log.info("serving with store %s and backends %s", settings.store.url, ", ".join(app.backends))
@@ -30,6 +36,7 @@ async def serve(settings: Settings) -> None:
     finally:
         _log.info("shutting down (grace %.1fs)", settings.server.shutdown_grace_s)
         await app.stop()
+    return 0
 
 
 def main() -> int:
@@ -46,10 +53,8 @@ def main() -> int:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(settings))
-    else:
-        uvloop.run(serve(settings))
-    return 0
+        return asyncio.run(serve(settings))
+    return uvloop.run(serve(settings))  # type: ignore[no-any-return]
 
 
 if __name__ == "__main__":

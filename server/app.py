@@ -72,11 +72,11 @@ class App:
         self._stopped = False
 
     async def start(self) -> None:
+        # The port first: a second server started by mistake fails here, before it touches
+        # the store.
+        self.port = self.server.add_insecure_port(self.settings.server.listen)
         await self.store.start()
         await self.dispatcher.start()
-        self.port = self.server.add_insecure_port(self.settings.server.listen)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.settings.server.listen}")
         await self.server.start()
         await self.health.set(LIVENESS_SERVICE, SERVING)
         await self.health.set(READINESS_SERVICE, SERVING)

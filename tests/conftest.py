@@ -67,7 +67,7 @@ class Running:
 
     app: App
     channel: grpc.aio.Channel
-    stub: tasks_pb2_grpc.TaskServiceStub
+    stub: tasks_pb2_grpc.TaskServiceAsyncStub
 
 
 FAST_RETRY = DispatchSettings(poll_interval_s=0.05, retry=RetryPolicy(0.01, 0.05))
@@ -120,20 +120,20 @@ def chat_spec(text: str = "hello world", **fields: object) -> pb.TaskSpec:
     )
 
 
-async def submit(stub: tasks_pb2_grpc.TaskServiceStub, spec: pb.TaskSpec) -> pb.Task:
+async def submit(stub: tasks_pb2_grpc.TaskServiceAsyncStub, spec: pb.TaskSpec) -> pb.Task:
     response = await stub.Submit(pb.SubmitRequest(task=spec))
     return response.task
 
 
 async def watch_all(
-    stub: tasks_pb2_grpc.TaskServiceStub, task_id: str, after_sequence: int = 0
+    stub: tasks_pb2_grpc.TaskServiceAsyncStub, task_id: str, after_sequence: int = 0
 ) -> list[pb.StreamResponse]:
     """Every event of one watch, until the server ends the stream."""
     call = stub.Stream(pb.StreamRequest(task_id=task_id, after_sequence=after_sequence))
     return [event async for event in call]
 
 
-async def wait_terminal(stub: tasks_pb2_grpc.TaskServiceStub, task_id: str) -> pb.Task:
+async def wait_terminal(stub: tasks_pb2_grpc.TaskServiceAsyncStub, task_id: str) -> pb.Task:
     """The task's final state, seen on Stream (no polling)."""
     events = await watch_all(stub, task_id)
     last = events[-1]

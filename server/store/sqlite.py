@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from server.model.errors import StoreError
 from server.model.task import Task, TaskState
@@ -73,6 +74,7 @@ class SqliteTaskStore:
         self._writer = GroupCommitWriter(self._connect)
         self._reader: ThreadPoolExecutor | None = None
         self._reader_conn: sqlite3.Connection | None = None  # used only by the reader thread
+        self._lock_file: BinaryIO | None = None
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
@@ -86,12 +88,27 @@ class SqliteTaskStore:
             return
         if self._path != ":memory:":
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+            self._lock_exclusively()
         try:
             await asyncio.to_thread(self._migrate)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the SQLite store at {self._path}: {exc}") from exc
         self._writer.start()
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-reader")
+
+    def _lock_exclusively(self) -> None:
+        """One server per SQLite file: a second one would re-queue the first one's running
+        tasks as if their process had died. The lock goes away with the process."""
+        self._lock_file = open(f"{self._path}.lock", "a+b")  # noqa: SIM115 - held until close
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            self._lock_file = None
+            raise StoreError(
+                f"another taskring server is using {self._path}; stop it or choose another"
+                " TASKRING_STORE (use PostgreSQL to run several replicas)"
+            ) from None
 
     def _migrate(self) -> None:
         conn = self._connect()
@@ -113,6 +130,9 @@ class SqliteTaskStore:
             reader, self._reader = self._reader, None
             reader.submit(self._close_reader_conn)
             reader.shutdown(wait=True)
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     def _close_reader_conn(self) -> None:
         if self._reader_conn is not None:

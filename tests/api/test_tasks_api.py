@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 import grpc
 import pytest
 from google.protobuf import duration_pb2, struct_pb2
@@ -13,7 +15,7 @@ from tests.conftest import Running, chat_spec, submit, wait_terminal
 
 
 def field_violations(err: grpc.aio.AioRpcError) -> dict[str, str]:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    status = rpc_status.from_call(err)
     assert status is not None, "INVALID_ARGUMENT must carry google.rpc.BadRequest"
     result = {}
     for detail in status.details:
@@ -85,7 +87,7 @@ async def test_max_tokens_truncates_the_reply(server: Running) -> None:
         (chat_spec(timeout=duration_pb2.Duration(seconds=10**7)), "task.timeout"),
         (chat_spec(max_attempts=-1), "task.max_attempts"),
         (chat_spec(max_attempts=1000), "task.max_attempts"),
-        (chat_spec(priority=99), "task.priority"),  # type: ignore[arg-type]
+        (chat_spec(priority=99), "task.priority"),
         (chat_spec(routing_key="k" * 1000), "task.routing_key"),
     ],
 )
@@ -107,7 +109,7 @@ async def test_invalid_submit_names_the_field_to_fix(
 async def test_unknown_task_id_is_not_found_on_every_method(server: Running) -> None:
     """Get, Cancel and Stream of an id that does not exist answer NOT_FOUND."""
     missing = "00000000-0000-0000-0000-000000000000"
-    calls = [
+    calls: list[Awaitable[object]] = [
         server.stub.Get(pb.GetRequest(task_id=missing)),
         server.stub.Cancel(pb.CancelRequest(task_id=missing)),
     ]

@@ -1,0 +1,53 @@
+"""The Python client of taskring: async and blocking clients, their errors and message types."""
+
+from __future__ import annotations
+
+from ._client import AsyncTaskringClient, SpecOptions, TaskringClient
+from ._errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    TaskringError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from ._proto.taskring.v1.tasks_pb2 import (
+    ChatInput,
+    ChatMessage,
+    ChatParameters,
+    EmbedInput,
+    ListResponse,
+    Priority,
+    StreamResponse,
+    SubmitResponse,
+    Task,
+    TaskSpec,
+    TaskState,
+)
+
+__all__ = [
+    "AlreadyExistsError",
+    "AsyncTaskringClient",
+    "ChatInput",
+    "ChatMessage",
+    "ChatParameters",
+    "EmbedInput",
+    "FailedPreconditionError",
+    "InvalidArgumentError",
+    "ListResponse",
+    "NotFoundError",
+    "Priority",
+    "ResourceExhaustedError",
+    "SpecOptions",
+    "StreamResponse",
+    "SubmitResponse",
+    "Task",
+    "TaskSpec",
+    "TaskState",
+    "TaskringClient",
+    "TaskringError",
+    "UnauthenticatedError",
+    "UnavailableError",
+]

@@ -1,0 +1,440 @@
+"""The `taskring` command line: submit, get, cancel, list and watch tasks.
+
+Exit codes, so scripts can branch on the outcome of `watch` and `submit --watch`:
+0 done (the task SUCCEEDED), 1 the task FAILED, 2 it was CANCELLED, 3 a call failed with a
+gRPC status (printed as "error: CODE: message"), 64 bad usage, 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC
+from typing import Any, NoReturn, TextIO
+
+from google.protobuf import json_format
+
+from ._client import (
+    DEFAULT_CHAT_MODEL,
+    DEFAULT_EMBED_MODEL,
+    DEFAULT_TARGET,
+    SpecOptions,
+    TaskringClient,
+    chat_spec,
+    conversation,
+    custom_spec,
+    embed_spec,
+    task_of,
+)
+from ._errors import TaskringError
+from ._proto.taskring.v1 import tasks_pb2
+
+EXIT_SUCCEEDED = 0
+EXIT_FAILED = 1
+EXIT_CANCELLED = 2
+EXIT_RPC_ERROR = 3
+# sysexits' EX_USAGE: argparse's usual 2 would read as CANCELLED.
+EXIT_USAGE = 64
+EXIT_INTERRUPTED = 130
+
+_EXIT_BY_STATE = {
+    tasks_pb2.TASK_STATE_SUCCEEDED: EXIT_SUCCEEDED,
+    tasks_pb2.TASK_STATE_FAILED: EXIT_FAILED,
+    tasks_pb2.TASK_STATE_CANCELLED: EXIT_CANCELLED,
+}
+PRIORITIES = ("low", "normal", "high", "urgent")
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+# The input flags of `submit` (argparse dest → as the user typed it), and which of them
+# each kind of task takes; any other one given is a mistake worth reporting.
+_INPUT_FLAGS = {
+    "prompt": "PROMPT",
+    "messages": "--message",
+    "system": "--system",
+    "texts": "--text",
+    "input_json": "--input-json",
+    "model": "--model",
+}
+_FLAGS_BY_KIND = {
+    "chat": {"prompt", "messages", "system", "model"},
+    "embed": {"prompt", "texts", "model"},
+    "custom": {"input_json"},
+}
+
+_Command = Callable[[TaskringClient, argparse.Namespace], int]
+
+
+class UsageError(Exception):
+    """Arguments that parse but do not describe a valid request."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+# --- argv → requests ---------------------------------------------------------------------
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The argument parser; `env` supplies TASKRING_TARGET (os.environ in `main`)."""
+    parser = _Parser(prog="taskring", description="Submit and follow taskring tasks.")
+    parser.add_argument(
+        "--target",
+        default=env.get("TASKRING_TARGET") or DEFAULT_TARGET,
+        help="server address (default: $TASKRING_TARGET or %(default)s)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    submit = commands.add_parser("submit", help="submit a task and print its id")
+    submit.set_defaults(run=_submit)
+    submit.add_argument("prompt", nargs="?", help="the user prompt (chat) or one text (embed)")
+    submit.add_argument(
+        "--type",
+        dest="task_type",
+        default="",
+        metavar="TYPE",
+        help="chat, embed or a custom type (default: chat; embed with --text)",
+    )
+    submit.add_argument(
+        "--model", help=f"default: {DEFAULT_CHAT_MODEL} (chat), {DEFAULT_EMBED_MODEL} (embed)"
+    )
+    submit.add_argument(
+        "-m",
+        "--message",
+        dest="messages",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a user message (repeatable)",
+    )
+    submit.add_argument("--system", metavar="TEXT", help="a system message, sent first")
+    submit.add_argument(
+        "--text",
+        dest="texts",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a text to embed (repeatable)",
+    )
+    submit.add_argument(
+        "--input-json", type=_json_object, metavar="JSON", help="input of a custom --type"
+    )
+    submit.add_argument("--priority", choices=PRIORITIES)
+    submit.add_argument("--routing-key", default="", metavar="KEY")
+    submit.add_argument("--timeout", dest="timeout_s", type=float, metavar="SECONDS")
+    submit.add_argument("--max-attempts", type=int, default=0, metavar="N")
+    submit.add_argument("--idempotency-key", default="", metavar="KEY")
+    submit.add_argument(
+        "--label",
+        dest="labels",
+        action="append",
+        type=_label,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label (repeatable)",
+    )
+    shown = submit.add_mutually_exclusive_group()
+    shown.add_argument("--watch", action="store_true", help="then watch it, as `watch` does")
+    shown.add_argument("--json", action="store_true", help="print the SubmitResponse as JSON")
+
+    get = commands.add_parser("get", help="print a task as JSON")
+    get.set_defaults(run=_get)
+    get.add_argument("task_id", metavar="ID")
+
+    cancel = commands.add_parser("cancel", help="cancel a task and print it as JSON")
+    cancel.set_defaults(run=_cancel)
+    cancel.add_argument("task_id", metavar="ID")
+
+    list_ = commands.add_parser("list", help="list tasks, newest first")
+    list_.set_defaults(run=_list)
+    list_.add_argument(
+        "--state",
+        dest="states",
+        action="append",
+        default=[],
+        choices=STATES,
+        help="only tasks in this state (repeatable)",
+    )
+    list_.add_argument(
+        "--type",
+        dest="types",
+        action="append",
+        default=[],
+        metavar="TYPE",
+        help="only tasks of this type (repeatable)",
+    )
+    list_.add_argument("--page-size", type=int, default=0, metavar="N")
+    list_.add_argument("--page-token", default="", metavar="TOKEN")
+    list_.add_argument("--all", action="store_true", help="follow every page")
+    list_.add_argument("--json", action="store_true", help="print a ListResponse as JSON")
+
+    watch = commands.add_parser("watch", help="follow a task until it finishes")
+    watch.set_defaults(run=_watch)
+    watch.add_argument("task_id", metavar="ID")
+    watch.add_argument("--after-sequence", type=int, default=0, metavar="N")
+    return parser
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
+def spec_from_args(args: argparse.Namespace) -> tasks_pb2.TaskSpec:
+    """The TaskSpec `taskring submit` sends; UsageError if the flags do not fit together."""
+    if args.task_type in ("chat", "embed"):
+        kind = args.task_type
+    elif args.task_type:
+        kind = "custom"
+    elif args.input_json is not None:
+        raise UsageError("--input-json needs --type NAME of a custom task type")
+    else:
+        kind = "embed" if args.texts else "chat"
+    for dest, flag in _INPUT_FLAGS.items():
+        if dest not in _FLAGS_BY_KIND[kind] and getattr(args, dest) not in (None, []):
+            raise UsageError(f"{flag} does not apply to {args.task_type or kind} tasks")
+
+    options = SpecOptions(
+        routing_key=args.routing_key,
+        timeout_s=args.timeout_s,
+        max_attempts=args.max_attempts,
+        idempotency_key=args.idempotency_key,
+        labels=dict(args.labels),
+    )
+    if args.priority is not None:
+        options["priority"] = tasks_pb2.Priority.Value(f"PRIORITY_{args.priority.upper()}")
+    positional = [] if args.prompt is None else [args.prompt]
+    if kind == "chat":
+        prompts = [*args.messages, *positional]
+        if not prompts:
+            raise UsageError("a chat task needs a PROMPT or --message")
+        messages = conversation(*prompts, system=args.system)
+        return chat_spec(messages, model=args.model or DEFAULT_CHAT_MODEL, **options)
+    if kind == "embed":
+        texts = [*args.texts, *positional]
+        if not texts:
+            raise UsageError("an embed task needs --text or a PROMPT")
+        return embed_spec(texts, model=args.model or DEFAULT_EMBED_MODEL, **options)
+    if args.input_json is None:
+        raise UsageError(f"a {args.task_type} task needs --input-json")
+    return custom_spec(args.task_type, args.input_json, **options)
+
+
+def states_from_args(names: Sequence[str]) -> list[tasks_pb2.TaskState.ValueType]:
+    return [tasks_pb2.TaskState.Value(f"TASK_STATE_{name.upper()}") for name in names]
+
+
+# --- results → text ----------------------------------------------------------------------
+
+
+def exit_code_for(state: tasks_pb2.TaskState.ValueType) -> int:
+    """The exit code of a watch that ended in `state` (a terminal state)."""
+    return _EXIT_BY_STATE[state]
+
+
+def state_name(state: tasks_pb2.TaskState.ValueType) -> str:
+    return tasks_pb2.TaskState.Name(state).removeprefix("TASK_STATE_")
+
+
+def state_line(sequence: int, task: tasks_pb2.Task) -> str:
+    """One line for a state change, e.g. "[3] RUNNING on local-2 (attempt 1)"."""
+    line = f"[{sequence}] {state_name(task.state)}"
+    if task.state == tasks_pb2.TASK_STATE_RUNNING:
+        line += f" on {task.backend} (attempt {task.attempt})"
+    elif task.state == tasks_pb2.TASK_STATE_FAILED:
+        line += f": {task.error.code}: {task.error.message}"
+    elif task.state == tasks_pb2.TASK_STATE_QUEUED and task.HasField("error"):
+        line += f" for a retry; attempt {task.attempt}: {task.error.code}: {task.error.message}"
+    return line
+
+
+def format_error(err: TaskringError) -> str:
+    """How a failed call is reported on stderr: "error: CODE: message" and its details."""
+    lines = [f"error: {err.code.name}: {err.details}"]
+    lines += [f"  {violation}" for violation in err.unstated_violations()]
+    if err.retry_after_s is not None:
+        lines.append(f"  retry after {err.retry_after_s:g}s")
+    return "\n".join(lines)
+
+
+def format_table(tasks: Sequence[tasks_pb2.Task]) -> str:
+    """Tasks as aligned columns: id, type, state, attempt, backend, created (UTC)."""
+    rows = [("ID", "TYPE", "STATE", "ATTEMPT", "BACKEND", "CREATED")]
+    for task in tasks:
+        created = "-"
+        if task.HasField("create_time"):
+            created = task.create_time.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        task_type = task.spec.type or task.spec.WhichOneof("input") or "-"
+        row = (task.id, task_type, state_name(task.state), str(task.attempt))
+        rows.append((*row, task.backend or "-", created))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+class WatchPrinter:
+    """Renders a task's events: state changes on `err`, its output on `out`.
+
+    Chat text goes to `out` as it is generated, flushed at once. A snapshot or state change
+    may carry the text so far (watching mid-run, a resume, a backend that does not stream);
+    only the part not yet written is printed. A retry starts its text afresh on a new line.
+    """
+
+    def __init__(self, out: TextIO, err: TextIO) -> None:
+        self._out = out
+        self._err = err
+        # The latest task seen; its attempt owns the text written so far.
+        self.task: tasks_pb2.Task | None = None
+        # Characters of the current attempt's chat text already on `out`.
+        self._written = 0
+        # Whether _written counts the text from its start, so a task's full text can be
+        # compared with it: not when the watch began after a sequence, mid-text, until a
+        # snapshot restates the task or a new attempt starts over.
+        self._counted_from_start = False
+        # Whether `out` has a line waiting for its newline.
+        self._open_line = False
+
+    def handle(self, event: tasks_pb2.StreamResponse) -> None:
+        if event.WhichOneof("event") == "output_delta":
+            self._write(event.output_delta.text)
+            return
+        task = task_of(event)
+        if task is None:  # an event kind newer than this client: nothing to show
+            return
+        previous, self.task = self.task, task
+        if previous is not None and task.attempt != previous.attempt:
+            self._written = 0  # a new attempt generates its text from the start
+            self._counted_from_start = True
+        if event.WhichOneof("event") == "snapshot":
+            self._counted_from_start = True
+        # A resumed stream restates the task: a line only when the state really changed.
+        changed = previous is None or (previous.state, previous.attempt) != (
+            task.state,
+            task.attempt,
+        )
+        terminal = task.state in _EXIT_BY_STATE
+        # A state line heads the text that follows it, except the terminal one, which
+        # closes it: so neither is glued to the other when both go to one terminal.
+        if changed and not terminal:
+            self._state_line(event.sequence, task)
+        kind = task.output.WhichOneof("result")
+        if kind == "chat" and self._counted_from_start:
+            self._write(task.output.chat.text[self._written :])
+        if changed and terminal:
+            self._state_line(event.sequence, task)
+        if task.state == tasks_pb2.TASK_STATE_SUCCEEDED and kind in ("embed", "custom"):
+            result = task.output.embed if kind == "embed" else task.output.custom
+            print(json_format.MessageToJson(result, indent=None), file=self._out, flush=True)
+
+    def _state_line(self, sequence: int, task: tasks_pb2.Task) -> None:
+        self._end_line()
+        print(state_line(sequence, task), file=self._err, flush=True)
+
+    def _write(self, text: str) -> None:
+        if text:
+            self._out.write(text)
+            self._out.flush()
+            self._written += len(text)
+            self._open_line = not text.endswith("\n")
+
+    def _end_line(self) -> None:
+        if self._open_line:
+            self._out.write("\n")
+            self._out.flush()
+            self._open_line = False
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+def _submit(client: TaskringClient, args: argparse.Namespace) -> int:
+    response = client.submit(spec_from_args(args))
+    if not response.created:
+        print("an earlier submit with this idempotency key made it", file=sys.stderr)
+    if args.json:
+        print(json_format.MessageToJson(response))
+    elif args.watch:
+        print(f"submitted {response.task.id}", file=sys.stderr)
+        return _follow(client, response.task.id, 0)
+    else:
+        print(response.task.id)
+    return EXIT_SUCCEEDED
+
+
+def _get(client: TaskringClient, args: argparse.Namespace) -> int:
+    print(json_format.MessageToJson(client.get(args.task_id)))
+    return EXIT_SUCCEEDED
+
+
+def _cancel(client: TaskringClient, args: argparse.Namespace) -> int:
+    print(json_format.MessageToJson(client.cancel(args.task_id)))
+    return EXIT_SUCCEEDED
+
+
+def _list(client: TaskringClient, args: argparse.Namespace) -> int:
+    states = states_from_args(args.states)
+    if args.all:
+        tasks = list(client.list_all(states, args.types, args.page_size))
+        page = tasks_pb2.ListResponse(tasks=tasks)
+    else:
+        page = client.list(states, args.types, args.page_size, args.page_token)
+    if args.json:
+        print(json_format.MessageToJson(page))
+        return EXIT_SUCCEEDED
+    print(format_table(page.tasks))
+    if page.next_page_token:
+        print(f"more: taskring list --page-token {page.next_page_token}", file=sys.stderr)
+    return EXIT_SUCCEEDED
+
+
+def _watch(client: TaskringClient, args: argparse.Namespace) -> int:
+    return _follow(client, args.task_id, args.after_sequence)
+
+
+def _follow(client: TaskringClient, task_id: str, after_sequence: int) -> int:
+    printer = WatchPrinter(sys.stdout, sys.stderr)
+    for event in client.watch(task_id, after_sequence):
+        printer.handle(event)
+    assert printer.task is not None, "watch ends only after an event carrying the final task"
+    return exit_code_for(printer.task.state)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line in `argv` (default: sys.argv[1:]) and return its exit code."""
+    parser = build_parser(os.environ)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error _Parser.error reported
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    command: _Command = args.run
+    try:
+        with TaskringClient(args.target) as client:
+            return command(client, args)
+    except UsageError as err:
+        print(f"taskring {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except TaskringError as err:
+        print(format_error(err), file=sys.stderr)
+        return EXIT_RPC_ERROR
+    except KeyboardInterrupt:
+        # Ctrl-C is how a user stops `watch`: leaving is the answer, a traceback is noise.
+        return EXIT_INTERRUPTED

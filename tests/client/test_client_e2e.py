@@ -1,0 +1,117 @@
+"""The Python clients and the command line against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+
+import pytest
+
+from client import (
+    AsyncTaskringClient,
+    TaskringClient,
+    TaskState,
+)
+from client._errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from server.backends.base import BackendError, BackendEvent, OutputChunk
+from server.model.task import Task
+from tests.conftest import ROOT, Running, StartServer, local_backends
+
+MISSING = "00000000-0000-0000-0000-000000000000"
+
+
+async def run_cli(address: str, *args: str) -> tuple[int, str, str]:
+    """`python -m client --target ADDRESS ARGS…` as a user would run it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "client", "--target", address, *args,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_async_client_submits_waits_gets_and_lists(server: Running) -> None:
+    """The async client covers the whole life of a task with typed errors."""
+    async with AsyncTaskringClient(server.app.address) as client:
+        task = await client.submit_chat("hi there", system="be brief", labels={"team": "a"})
+        final = await client.wait(task.id)
+        assert final.state == TaskState.Value("TASK_STATE_SUCCEEDED")
+        assert final.output.chat.text == "[local-echo] hi there"
+        assert (await client.get(task.id)) == final
+        listed = [t.id async for t in client.list_all(page_size=1)]
+        assert listed == [task.id]
+        with pytest.raises(FailedPreconditionError):
+            await client.cancel(task.id)
+        with pytest.raises(NotFoundError):
+            await client.get(MISSING)
+        with pytest.raises(InvalidArgumentError) as caught:
+            await client.submit_chat("x", model="")
+        assert ("task.chat.model", "required, e.g. 'local-echo'") in caught.value.field_violations
+
+
+async def test_sync_client_works_from_plain_code(server: Running) -> None:
+    """The blocking client does the same from code without an event loop."""
+
+    def use_sync_client() -> tuple[int, list[float]]:
+        with TaskringClient(server.app.address) as client:
+            task = client.submit_embed(["one text"])
+            final = client.wait(task.id)
+            return final.state, list(final.output.embed.embeddings[0].values)
+
+    state, vector = await asyncio.to_thread(use_sync_client)
+    assert state == TaskState.Value("TASK_STATE_SUCCEEDED")
+    assert len(vector) == 64
+
+
+@pytest.mark.slow
+async def test_cli_submit_watch_streams_reply_and_exits_zero(start_server: StartServer) -> None:
+    """`taskring submit … --watch` prints the reply as it streams and exits 0."""
+    server = await start_server(token_delay_s=0.01)
+    code, out, err = await run_cli(server.app.address, "submit", "stream me please", "--watch")
+    assert code == 0, err
+    assert "[local-echo] stream me please" in out
+    assert "SUCCEEDED" in err
+
+
+@pytest.mark.slow
+async def test_cli_commands_and_exit_codes(start_server: StartServer) -> None:
+    """submit prints only the id; get/list/cancel work; errors exit 3 with the code."""
+    server = await start_server(token_delay_s=0.5)
+    code, out, _ = await run_cli(server.app.address, "submit", "a b c d e f")
+    assert code == 0
+    task_id = out.strip()
+    assert len(task_id) == 36
+    code, out, _ = await run_cli(server.app.address, "cancel", task_id)
+    assert code == 0
+    assert json.loads(out)["state"] == "TASK_STATE_CANCELLED"
+    code, out, err = await run_cli(server.app.address, "watch", task_id)
+    assert code == 2, "watch of a cancelled task exits 2"
+    code, out, _ = await run_cli(server.app.address, "get", task_id)
+    assert json.loads(out)["id"] == task_id
+    code, out, _ = await run_cli(server.app.address, "list")
+    assert task_id in out
+    code, out, err = await run_cli(server.app.address, "get", MISSING)
+    assert code == 3
+    assert "NOT_FOUND" in err
+
+
+@pytest.mark.slow
+async def test_cli_watch_of_failed_task_exits_one_with_the_error(
+    start_server: StartServer,
+) -> None:
+    """A task that fails makes `watch` exit 1 and print the error code and message."""
+
+    async def broken(task: Task) -> AsyncIterator[BackendEvent]:
+        if task.attempt:  # always; the yield below makes this an async generator
+            raise BackendError("INVALID_INPUT", "the model rejected the prompt", retryable=False)
+        yield OutputChunk("")
+
+    server = await start_server(local_backends(extra={"broken": broken}))
+    args = ("submit", "--type", "broken", "--input-json", '{"x": 1}', "--watch")
+    code, _, err = await run_cli(server.app.address, *args)
+    assert code == 1
+    assert "INVALID_INPUT" in err
+    assert "the model rejected the prompt" in err
