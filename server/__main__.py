@@ -54,7 +54,7 @@ def main() -> int:
         import uvloop
     except ImportError:
         return asyncio.run(serve(settings))
-    return uvloop.run(serve(settings))  # type: ignore[no-any-return]
+    return uvloop.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ DEFAULT_VNODES_PER_WEIGHT = 2000
 """Points per unit of weight. A member's share wanders by about 1/sqrt(its points), so it
 takes thousands to hold max/mean load near the goals of bench/ring.py (100,000 keys):
 at 10 / 50 equal members, 160 points give 1.155 / 1.153, 1000 give 1.080 / 1.092, and
-2000 give 1.024 / 1.071 (goals 1.06 / 1.10); weights 1:2:4 land within 1.000. A 50-member
+2000 give 1.024 / 1.071 (goals 1.06 / 1.10), and weights 1:2:4 reach 1.000. A 50-member
 ring is then 100,000 points: it builds in about 0.3 s, and a 4 MB prefix table keeps
 pick() O(1)."""
 
@@ -38,12 +38,12 @@ def default_hash(data: bytes) -> int:
     # BLAKE2b is the fastest well-distributed hash in the stdlib: built into CPython, so no
     # OpenSSL dispatch (md5, sha1 and sha256 cost 30-45% more per call here), and fixed by
     # RFC 7693, so every process and version, in any language, puts a key on the same
-    # member. zlib.crc32 is ~4x cheaper but 32 bits and linear: for equal-length names
-    # crc("a#7") ^ crc("b#7") is one constant for every index, so two members' points would
-    # be XOR-shifted copies of each other; mixing it in Python costs what BLAKE2b does. The
-    # builtin hash() of bytes is salted per process. The default 64-byte digest is cut to 8
-    # bytes rather than asking for digest_size=8: the keyword alone costs ~0.1 µs a call,
-    # a tenth of the pick() budget, and the result is as well distributed.
+    # member. zlib.crc32 is ~4x cheaper but 32 bits and linear: crc("a#7") ^ crc("b#7") is
+    # the same constant for every one-digit index (another for two digits), so two members'
+    # points would be XOR-shifted copies of each other; mixing it in Python costs what
+    # BLAKE2b does. The builtin hash() of bytes is salted per process. The default 64-byte
+    # digest is cut to 8 bytes rather than asking for digest_size=8: the keyword alone
+    # costs ~0.1 µs a call, a tenth of the pick() budget, and the result is as well spread.
     value: int = _FIRST_U64(blake2b(data).digest())[0]
     return value
 

@@ -28,6 +28,7 @@ def custom_spec(
     spec = pb.TaskSpec(
         type=task_type, priority=priority, max_attempts=max_attempts, timeout=timeout
     )
+    spec.custom.SetInParent()  # an empty input is still a custom input
     spec.custom.update(data)
     return spec
 
