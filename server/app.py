@@ -26,9 +26,6 @@ from .tasks import TaskManager
 
 _log = logging.getLogger(__name__)
 
-# How often readiness re-checks that the store answers.
-STORE_CHECK_INTERVAL_S = 2.0
-
 
 def local_backends(settings: Settings) -> dict[str, Backend]:
     handlers = builtin_handlers(LocalModelSettings(token_delay_s=settings.local.token_delay_s))
@@ -91,7 +88,7 @@ class App:
         """Readiness follows the store: NOT_SERVING while it cannot answer."""
         ready = True
         while True:
-            await asyncio.sleep(STORE_CHECK_INTERVAL_S)
+            await asyncio.sleep(self.settings.server.store_check_interval_s)
             try:
                 await self.store.ping()
                 now_ready = True

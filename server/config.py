@@ -41,6 +41,8 @@ class ServerSettings:
     listen: str = "127.0.0.1:50051"
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
+    # How often readiness re-checks that the store answers.
+    store_check_interval_s: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)

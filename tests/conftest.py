@@ -32,9 +32,13 @@ ROOT = Path(__file__).resolve().parent.parent
 Handler = Callable[[Task], "AsyncIterator[BackendEvent]"]
 
 
-def make_settings(db: Path, **local: float) -> Settings:
+def make_settings(db: Path, store_check_interval_s: float = 2.0, **local: float) -> Settings:
     return Settings(
-        server=ServerSettings(listen="127.0.0.1:0", shutdown_grace_s=0.5),
+        server=ServerSettings(
+            listen="127.0.0.1:0",
+            shutdown_grace_s=0.5,
+            store_check_interval_s=store_check_interval_s,
+        ),
         store=StoreSettings(url=f"sqlite:///{db}"),
         local=LocalExecutorSettings(
             count=int(local.get("count", 3)),
@@ -85,9 +89,10 @@ async def start_server(tmp_path: Path) -> AsyncIterator[StartServer]:
         backends: Mapping[str, Backend] | None = None,
         db: Path | None = None,
         dispatch: DispatchSettings = FAST_RETRY,
+        store_check_interval_s: float = 2.0,
         **local: float,
     ) -> Running:
-        settings = make_settings(db or tmp_path / "tasks.db", **local)
+        settings = make_settings(db or tmp_path / "tasks.db", store_check_interval_s, **local)
         if backends is None:
             backends = local_backends(
                 count=settings.local.count,

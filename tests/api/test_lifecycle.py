@@ -1,0 +1,74 @@
+"""Health (liveness and readiness) and graceful shutdown of an in-process server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client._proto.taskring.v1 import tasks_pb2 as pb
+from server.model.task import Task, TaskState
+from server.store.sqlite import SqliteTaskStore
+from tests.conftest import StartServer, chat_spec, submit
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+READINESS = "taskring.v1.TaskService"
+
+
+async def check(channel: grpc.aio.Channel, service: str) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    response = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+    return int(response.status)
+
+
+async def test_readiness_follows_the_store_and_liveness_stays_up(
+    start_server: StartServer,
+) -> None:
+    """When the store stops answering, readiness turns NOT_SERVING; liveness does not."""
+    server = await start_server(store_check_interval_s=0.02)
+    assert await check(server.channel, READINESS) == SERVING
+    await server.app.store.close()  # the store becomes unusable
+    watch = health_pb2_grpc.HealthStub(server.channel).Watch(
+        health_pb2.HealthCheckRequest(service=READINESS)
+    )
+    async for response in watch:
+        if response.status == NOT_SERVING:
+            break
+    watch.cancel()
+    assert await check(server.channel, "") == SERVING
+
+
+async def test_shutdown_requeues_running_work_and_ends_open_streams(
+    start_server: StartServer,
+) -> None:
+    """Stopping the server ends watchers cleanly and hands unfinished work back."""
+    server = await start_server(token_delay_s=0.2)
+    task = await submit(server.stub, chat_spec("a b c d e f g h i j"))
+    events = []
+    stopping: asyncio.Task[None] | None = None
+    async for event in server.stub.Stream(pb.StreamRequest(task_id=task.id)):
+        events.append(event)
+        if event.HasField("output_delta") and stopping is None:  # running: shut down now
+            stopping = asyncio.create_task(server.app.stop())
+    assert stopping is not None
+    await asyncio.wait_for(stopping, 5)
+    # The stream ended cleanly, before the task could finish.
+    assert not any(
+        e.HasField("state_changed") and e.state_changed.task.state == pb.TASK_STATE_SUCCEEDED
+        for e in events
+    )
+    stored = await reopen_and_get(server.app.store, task.id)
+    assert stored is not None
+    assert stored.state is TaskState.QUEUED
+    assert stored.error is not None
+    assert stored.error.code == "INTERRUPTED"
+
+
+async def reopen_and_get(store: SqliteTaskStore, task_id: str) -> Task | None:
+    await store.start()
+    try:
+        return await store.get(task_id)
+    finally:
+        await store.close()
