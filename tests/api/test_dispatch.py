@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -11,9 +12,9 @@ from google.protobuf import duration_pb2
 
 from client._proto.taskring.v1 import tasks_pb2 as pb
 from server.backends.base import BackendError, BackendEvent, Completed, OutputChunk
-from server.backends.local import LocalBackend
+from server.backends.local import Handler, LocalBackend
 from server.model.task import CustomInput, CustomOutput, Task
-from tests.conftest import StartServer, chat_spec, local_backends, submit, wait_terminal
+from tests.conftest import Running, StartServer, chat_spec, local_backends, submit, wait_terminal
 
 
 def custom_spec(
@@ -54,6 +55,33 @@ class Gate:
         yield Completed(CustomOutput({"done": True}))
 
 
+@dataclass
+class BusySlot:
+    """A server with one executor slot, taken by a gated task; `record` tasks log their
+    input's name (or id) in `ran` when they finally run."""
+
+    server: Running
+    blocker: Gate
+    ran: list[str]
+
+
+async def one_busy_slot(start_server: StartServer) -> BusySlot:
+    blocker = Gate()
+    ran: list[str] = []
+
+    async def record(task: Task) -> AsyncIterator[BackendEvent]:
+        assert isinstance(task.spec.input, CustomInput)
+        ran.append(str(task.spec.input.data.get("name", task.id)))
+        yield Completed(CustomOutput({}))
+
+    server = await start_server(
+        local_backends(count=1, max_concurrency=1, extra={"gate": blocker, "record": record})
+    )
+    await submit(server.stub, custom_spec("gate"))
+    await asyncio.wait_for(blocker.started.wait(), 5)
+    return BusySlot(server, blocker, ran)
+
+
 async def test_cancel_running_task_stops_its_execution(start_server: StartServer) -> None:
     """Cancel of a RUNNING task cancels the work on its executor and ends CANCELLED."""
     gate = Gate()
@@ -71,43 +99,20 @@ async def test_cancel_running_task_stops_its_execution(start_server: StartServer
 
 async def test_cancel_queued_task_never_runs(start_server: StartServer) -> None:
     """A task cancelled while QUEUED (its backend busy) is never started."""
-    blocker = Gate()
-    ran: list[str] = []
-
-    async def record(task: Task) -> AsyncIterator[BackendEvent]:
-        ran.append(task.id)
-        yield Completed(CustomOutput({}))
-
-    server = await start_server(
-        local_backends(count=1, max_concurrency=1, extra={"gate": blocker, "record": record})
-    )
-    await submit(server.stub, custom_spec("gate"))
-    await asyncio.wait_for(blocker.started.wait(), 5)
-    queued = await submit(server.stub, custom_spec("record"))
-    cancelled = (await server.stub.Cancel(pb.CancelRequest(task_id=queued.id))).task
+    busy = await one_busy_slot(start_server)
+    queued = await submit(busy.server.stub, custom_spec("record"))
+    cancelled = (await busy.server.stub.Cancel(pb.CancelRequest(task_id=queued.id))).task
     assert cancelled.state == pb.TASK_STATE_CANCELLED
     assert cancelled.attempt == 0
-    blocker.opened.set()
-    after = await submit(server.stub, custom_spec("record"))
-    await wait_terminal(server.stub, after.id)
-    assert ran == [after.id]
+    busy.blocker.opened.set()
+    after = await submit(busy.server.stub, custom_spec("record"))
+    await wait_terminal(busy.server.stub, after.id)
+    assert busy.ran == [after.id]
 
 
 async def test_priority_order_urgent_high_normal_low(start_server: StartServer) -> None:
     """Queued tasks start in priority order, then oldest first within one priority."""
-    blocker = Gate()
-    order: list[str] = []
-
-    async def record(task: Task) -> AsyncIterator[BackendEvent]:
-        assert isinstance(task.spec.input, CustomInput)
-        order.append(str(task.spec.input.data["name"]))
-        yield Completed(CustomOutput({}))
-
-    server = await start_server(
-        local_backends(count=1, max_concurrency=1, extra={"gate": blocker, "record": record})
-    )
-    await submit(server.stub, custom_spec("gate"))
-    await asyncio.wait_for(blocker.started.wait(), 5)
+    busy = await one_busy_slot(start_server)
     submitted = []
     for name, priority in [
         ("low", pb.PRIORITY_LOW),
@@ -116,13 +121,12 @@ async def test_priority_order_urgent_high_normal_low(start_server: StartServer) 
         ("normal-2", pb.PRIORITY_NORMAL),
         ("high", pb.PRIORITY_HIGH),
     ]:
-        submitted.append(
-            await submit(server.stub, custom_spec("record", name=name, priority=priority))
-        )
-    blocker.opened.set()
+        spec = custom_spec("record", name=name, priority=priority)
+        submitted.append(await submit(busy.server.stub, spec))
+    busy.blocker.opened.set()
     for task in submitted:
-        await wait_terminal(server.stub, task.id)
-    assert order == ["urgent", "high", "normal-1", "normal-2", "low"]
+        await wait_terminal(busy.server.stub, task.id)
+    assert busy.ran == ["urgent", "high", "normal-1", "normal-2", "low"]
 
 
 async def test_running_task_past_its_deadline_fails_with_deadline_error(
@@ -143,27 +147,17 @@ async def test_queued_task_past_its_deadline_fails_without_running(
     start_server: StartServer,
 ) -> None:
     """A task still waiting for a backend when its deadline passes fails and never runs."""
-    blocker = Gate()
-    ran: list[str] = []
-
-    async def record(task: Task) -> AsyncIterator[BackendEvent]:
-        ran.append(task.id)
-        yield Completed(CustomOutput({}))
-
-    server = await start_server(
-        local_backends(count=1, max_concurrency=1, extra={"gate": blocker, "record": record})
-    )
-    await submit(server.stub, custom_spec("gate"))
-    await asyncio.wait_for(blocker.started.wait(), 5)
-    doomed = await submit(
-        server.stub, custom_spec("record", timeout=duration_pb2.Duration(nanos=100_000_000))
-    )
-    final = await asyncio.wait_for(wait_terminal(server.stub, doomed.id), 10)
+    busy = await one_busy_slot(start_server)
+    timeout = duration_pb2.Duration(nanos=100_000_000)
+    doomed = await submit(busy.server.stub, custom_spec("record", timeout=timeout))
+    final = await asyncio.wait_for(wait_terminal(busy.server.stub, doomed.id), 10)
     assert final.state == pb.TASK_STATE_FAILED
     assert final.error.code == "DEADLINE_EXCEEDED"
     assert final.attempt == 0
-    blocker.opened.set()
-    assert ran == []
+    busy.blocker.opened.set()
+    after = await submit(busy.server.stub, custom_spec("record"))
+    await wait_terminal(busy.server.stub, after.id)
+    assert busy.ran == [after.id], "the expired task never ran"
 
 
 async def test_retryable_failure_retries_on_next_member_until_success(
@@ -172,7 +166,7 @@ async def test_retryable_failure_retries_on_next_member_until_success(
     """A retryable failure re-queues the task; the next attempt runs on another member."""
     seen: list[tuple[int, str]] = []
 
-    def flaky(backend: str):  # type: ignore[no-untyped-def]
+    def flaky(backend: str) -> Handler:
         async def run(task: Task) -> AsyncIterator[BackendEvent]:
             seen.append((task.attempt, backend))
             if task.attempt < 3:
@@ -234,7 +228,7 @@ async def test_attempts_run_within_each_backends_concurrency(start_server: Start
     active: dict[str, int] = {}
     peak: dict[str, int] = {}
 
-    def counting(backend: str):  # type: ignore[no-untyped-def]
+    def counting(backend: str) -> Handler:
         async def run(task: Task) -> AsyncIterator[BackendEvent]:
             active[backend] = active.get(backend, 0) + 1
             peak[backend] = max(peak.get(backend, 0), active[backend])

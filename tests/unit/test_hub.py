@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.events.hub import EventHub, EventKind, TaskEvent
+from server.events.hub import EventHub, EventKind, TaskEvent, Watch
 from server.model.task import ChatInput, ChatMessage, Task, TaskSpec, TaskState
 
 SPEC = TaskSpec(type="chat", input=ChatInput("m", (ChatMessage("user", "hi"),)))
@@ -19,8 +19,13 @@ def event(
     return TaskEvent(kind, task, f"<{sequence}>" if kind is EventKind.OUTPUT else "")
 
 
-async def drain(watch, count: int) -> list[TaskEvent]:  # type: ignore[no-untyped-def]
-    return [await watch.next_event() for _ in range(count)]
+async def drain(watch: Watch, count: int) -> list[TaskEvent]:
+    events = []
+    for _ in range(count):
+        event = await watch.next_event()
+        assert event is not None, "the watch ended early"
+        events.append(event)
+    return events
 
 
 async def test_every_watcher_gets_every_event_in_order() -> None:
