@@ -146,6 +146,19 @@ def task_of(event: tasks_pb2.StreamResponse) -> tasks_pb2.Task | None:
     return None
 
 
+def latest_task(
+    current: tasks_pb2.Task | None, event: tasks_pb2.StreamResponse
+) -> tasks_pb2.Task | None:
+    """The task as of `event`. State changes leave out the spec (it never changes), so it
+    is carried over from the snapshot that started the watch."""
+    task = task_of(event)
+    if task is None:
+        return current
+    if not task.HasField("spec") and current is not None and current.HasField("spec"):
+        task.spec.CopyFrom(current.spec)
+    return task
+
+
 def is_terminal(state: tasks_pb2.TaskState.ValueType) -> bool:
     return state in TERMINAL_STATES
 
@@ -348,8 +361,7 @@ class AsyncTaskringClient:
         final: tasks_pb2.Task | None = None
         async with aclosing(self.watch(task_id, resume_delays_s=resume_delays_s)) as events:
             async for event in events:
-                task = task_of(event)
-                final = final if task is None else task
+                final = latest_task(final, event)
         assert final is not None, "watch ends only after an event carrying the terminal task"
         return final
 
@@ -497,8 +509,7 @@ class TaskringClient:
         final: tasks_pb2.Task | None = None
         with closing(self.watch(task_id, resume_delays_s=resume_delays_s)) as events:
             for event in events:
-                task = task_of(event)
-                final = final if task is None else task
+                final = latest_task(final, event)
         assert final is not None, "watch ends only after an event carrying the terminal task"
         return final
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import uuid
 from collections.abc import AsyncIterator, Callable, Set
 
 from .admission.validate import validate_spec
@@ -20,6 +19,7 @@ from .model.errors import (
     NotFoundError,
     UnavailableError,
 )
+from .model.ids import UuidV7Factory
 from .model.task import Task, TaskSpec, TaskState
 from .store.base import ListQuery, TaskStore
 
@@ -36,7 +36,7 @@ class TaskManager:
         clock: Clock,
         limits: TaskLimits,
         known_types: Set[str],
-        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        new_id: Callable[[], str] | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
@@ -44,7 +44,7 @@ class TaskManager:
         self._clock = clock
         self._limits = limits
         self._known_types = frozenset(known_types)
-        self._new_id = new_id
+        self._new_id = new_id or UuidV7Factory()
         self._accepting = True
 
     def stop_accepting(self) -> None:

@@ -135,11 +135,13 @@ def spec_to_pb(spec: TaskSpec) -> pb.TaskSpec:
     return message
 
 
-def task_to_pb(task: Task) -> pb.Task:
+def task_to_pb(task: Task, *, with_spec: bool = True) -> pb.Task:
+    """`with_spec=False` leaves the spec out: it never changes, so Stream's state changes
+    omit it (the snapshot that starts every watch has it)."""
     message = pb.Task(
         id=task.id,
         client_id=task.client_id,
-        spec=spec_to_pb(task.spec),
+        spec=spec_to_pb(task.spec) if with_spec else None,
         state=STATE_TO_PB[task.state],
         attempt=task.attempt,
         backend=task.backend,

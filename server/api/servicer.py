@@ -97,7 +97,7 @@ def stream_response(event: TaskEvent) -> pb.StreamResponse:
         return pb.StreamResponse(
             sequence=event.sequence, output_delta=pb.OutputDelta(text=event.text)
         )
-    task = convert.task_to_pb(event.task)
     if event.kind is EventKind.SNAPSHOT:
-        return pb.StreamResponse(sequence=event.sequence, snapshot=task)
+        return pb.StreamResponse(sequence=event.sequence, snapshot=convert.task_to_pb(event.task))
+    task = convert.task_to_pb(event.task, with_spec=False)
     return pb.StreamResponse(sequence=event.sequence, state_changed=pb.StateChanged(task=task))

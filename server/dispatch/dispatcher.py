@@ -97,14 +97,18 @@ class Dispatcher:
         interrupted = TaskError("INTERRUPTED", "the server stopped while the task ran", True)
         while batch := await self._store.in_states([TaskState.RUNNING], 500):
             for task in batch:
-                await self._save(states.requeue(task, interrupted, 0.0), task.sequence)
+                await self._save([_state(states.requeue(task, interrupted, 0.0))], task.sequence)
             _log.info("re-queued %d tasks left running by the previous process", len(batch))
 
     async def _claim_loop(self) -> None:
+        next_sweep = 0.0
+        loop = asyncio.get_running_loop()
         while not self._stopping:
             self._wakeup.clear()
             try:
-                await self._expire_overdue()
+                if loop.time() >= next_sweep:  # on a timer, not on every wake-up
+                    next_sweep = loop.time() + self._settings.poll_interval_s
+                    await self._expire_overdue()
                 claimed = await self._claim()
             except StoreError:
                 _log.exception("dispatch paused: the store failed")
@@ -209,23 +213,18 @@ class Dispatcher:
                 while not events.empty():
                     batch.append(events.get_nowait())
                 text = "".join(e.text for e in batch if isinstance(e, OutputChunk))
+                end = next((e for e in batch if not isinstance(e, OutputChunk)), None)
+                if isinstance(end, Completed):
+                    await self._complete(attempt, text, end)
+                    return
                 if text:
-                    await self._save_attempt(
-                        attempt, states.append_output(attempt.task, text), text
+                    await self._save_attempt(attempt, [_output(attempt.task, text)])
+                if isinstance(end, BaseException):
+                    raise end
+                if isinstance(end, _End):
+                    raise BackendError(
+                        "BACKEND_ERROR", "the backend ended without a result", retryable=True
                     )
-                for event in batch:
-                    if isinstance(event, BaseException):
-                        raise event
-                    if isinstance(event, Completed):
-                        now = self._clock.now()
-                        await self._finish(
-                            attempt, states.succeed(attempt.task, event.output, event.usage, now)
-                        )
-                        return
-                    if isinstance(event, _End):
-                        raise BackendError(
-                            "BACKEND_ERROR", "the backend ended without a result", retryable=True
-                        )
         finally:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -245,53 +244,69 @@ class Dispatcher:
         )
         return states.fail(task, error, self._clock.now())
 
+    async def _complete(self, attempt: _Attempt, text: str, completed: Completed) -> None:
+        """Last output and success in one write: both events are durable when it commits."""
+        events = [_output(attempt.task, text)] if text else []
+        before = events[-1].task if events else attempt.task
+        result = states.succeed(before, completed.output, completed.usage, self._clock.now())
+        await self._save_attempt(attempt, [*events, TaskEvent(EventKind.STATE, result)])
+        self._count(result)
+
     async def _finish(self, attempt: _Attempt, result: Task) -> None:
-        await self._save_attempt(attempt, result)
+        await self._save_attempt(attempt, [TaskEvent(EventKind.STATE, result)])
+        self._count(result)
+
+    def _count(self, result: Task) -> None:
         key = result.state.value
         self.finished[key] = self.finished.get(key, 0) + 1
         if result.state is TaskState.QUEUED:
             self._wakeup.set()
 
-    async def _save_attempt(self, attempt: _Attempt, task: Task, text: str = "") -> None:
+    async def _save_attempt(self, attempt: _Attempt, events: list[TaskEvent]) -> None:
         def saved(task: Task) -> None:
             attempt.task = task
 
-        await self._save(task, attempt.task.sequence, text, saved)
+        await self._save(events, attempt.task.sequence, saved)
 
     async def _save(
         self,
-        task: Task,
+        events: list[TaskEvent],
         expected_sequence: int,
-        text: str = "",
         on_saved: Callable[[Task], None] | None = None,
     ) -> bool:
-        """Stores `task` if nobody changed it since `expected_sequence`, then publishes it.
+        """Stores the task of the last event if nobody changed it since `expected_sequence`,
+        then publishes `events` in order (several when one write carries several changes).
 
         Shielded: once a write is sent it is also published (and `on_saved` told), even if
         the caller is cancelled meanwhile; a committed but unpublished change would leave
         watchers waiting forever.
         """
-        write = asyncio.ensure_future(self._store.update(task, expected_sequence))
+        task = events[-1].task
+        write = asyncio.ensure_future(
+            self._store.update(task, expected_sequence)
+        )  # no Task for a future
         try:
             ok = await asyncio.shield(write)
         except asyncio.CancelledError:
-            self._after_write(await write, task, text, on_saved)
+            self._after_write(await write, events, on_saved)
             raise
-        self._after_write(ok, task, text, on_saved)
+        self._after_write(ok, events, on_saved)
         return ok
 
     def _after_write(
-        self, ok: bool, task: Task, text: str, on_saved: Callable[[Task], None] | None
+        self, ok: bool, events: list[TaskEvent], on_saved: Callable[[Task], None] | None
     ) -> None:
+        task = events[-1].task
         if not ok:
             _log.info("task %s changed concurrently; dropped %s", task.id, task.state.value)
             return
         if on_saved is not None:
             on_saved(task)
-        self._hub.publish(TaskEvent(EventKind.OUTPUT if text else EventKind.STATE, task, text))
+        for event in events:
+            self._hub.publish(event)
 
     async def _fail_deadline(self, task: Task) -> None:
-        await self._save(self._deadline_failure(task), task.sequence)
+        await self._save([_state(self._deadline_failure(task))], task.sequence)
 
     async def _expire_overdue(self) -> None:
         """Fails queued tasks past their deadline (running ones time out in their attempt)."""
@@ -343,6 +358,14 @@ class Dispatcher:
             "started": self.started,
             "finished": dict(self.finished),
         }
+
+
+def _state(task: Task) -> TaskEvent:
+    return TaskEvent(EventKind.STATE, task)
+
+
+def _output(task: Task, text: str) -> TaskEvent:
+    return TaskEvent(EventKind.OUTPUT, states.append_output(task, text), text)
 
 
 async def _pump(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,7 +42,9 @@ class TaskStore(Protocol):
         """Raises StoreError when the store cannot serve reads and writes."""
         ...
 
-    async def create(self, task: Task) -> tuple[Task, bool]:
+    # create and update may be plain functions returning a future (SQLite's writer thread)
+    # or coroutines (asyncpg): either way the caller awaits the result.
+    def create(self, task: Task) -> Awaitable[tuple[Task, bool]]:
         """Stores a new task; returns (task, True), or (the existing task, False) when the
         client already submitted one with the same idempotency key."""
         ...
@@ -51,7 +53,7 @@ class TaskStore(Protocol):
 
     async def list_page(self, query: ListQuery) -> ListPage: ...
 
-    async def update(self, task: Task, expected_sequence: int) -> bool:
+    def update(self, task: Task, expected_sequence: int) -> Awaitable[bool]:
         """Replaces the stored task if its sequence is still `expected_sequence`.
 
         Returns False (and writes nothing) when another writer changed it first: the

@@ -50,12 +50,16 @@ class GroupCommitWriter:
         self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
         self._thread.start()
 
-    async def submit(self, write: Callable[[sqlite3.Connection], T]) -> T:
+    def submit(self, write: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queues `write`; the future resolves once the group holding it has committed.
+
+        A plain future rather than a coroutine: callers that must not lose the result when
+        cancelled can shield it without wrapping it in a Task."""
         if self._thread is None or self._loop is None:
             raise StoreError("the store is not open")
         future: asyncio.Future[T] = self._loop.create_future()
         self._queue.put((write, future))
-        return await future
+        return future
 
     async def close(self) -> None:
         if self._thread is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -156,7 +156,7 @@ class SqliteTaskStore:
     async def ping(self) -> None:
         await self._read(lambda c: c.execute("SELECT 1").fetchone())
 
-    async def create(self, task: Task) -> tuple[Task, bool]:
+    def create(self, task: Task) -> Awaitable[tuple[Task, bool]]:
         row = _to_row(task)
         key = task.spec.idempotency_key
 
@@ -170,7 +170,7 @@ class SqliteTaskStore:
             conn.execute(INSERT, row)
             return task, True
 
-        return await self._writer.submit(write)
+        return self._writer.submit(write)
 
     async def get(self, task_id: str) -> Task | None:
         row = await self._read(lambda c: c.execute(f"{SELECT} WHERE id=?", (task_id,)).fetchone())
@@ -196,9 +196,9 @@ class SqliteTaskStore:
         more = len(rows) > query.limit
         return ListPage([_from_row(r) for r in page], page[-1][0] if more and page else None)
 
-    async def update(self, task: Task, expected_sequence: int) -> bool:
+    def update(self, task: Task, expected_sequence: int) -> Awaitable[bool]:
         params = _update_params(task, expected_sequence)
-        return await self._writer.submit(lambda c: c.execute(UPDATE, params).rowcount == 1)
+        return self._writer.submit(lambda c: c.execute(UPDATE, params).rowcount == 1)
 
     async def queued(self, limit: int, now: float) -> list[Task]:
         sql = f"{SELECT} WHERE state='QUEUED' AND not_before<=? ORDER BY priority DESC, pk LIMIT ?"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import random
+import uuid
 
 import pytest
 
 from server.model import states
 from server.model.errors import InvalidTransitionError
+from server.model.ids import UuidV7Factory
 from server.model.task import (
     ChatInput,
     ChatMessage,
@@ -100,3 +103,15 @@ def test_output_only_while_running() -> None:
     """Output deltas outside RUNNING are a bug, refused loudly."""
     with pytest.raises(InvalidTransitionError):
         states.append_output(task_in(TaskState.QUEUED), "x")
+
+
+def test_task_ids_are_unique_time_ordered_uuid7() -> None:
+    """Ids are valid UUIDv7 strings, distinct, and sort by creation time."""
+    ticks = iter(range(1_700_000_000_000, 1_700_000_001_000))
+    new_id = UuidV7Factory(random.Random(1), clock_ms=lambda: next(ticks))
+    ids = [new_id() for _ in range(500)]
+    assert len(set(ids)) == 500
+    assert ids == sorted(ids)
+    parsed = uuid.UUID(ids[0])
+    assert parsed.version == 7
+    assert parsed.variant == uuid.RFC_4122

@@ -685,7 +685,9 @@ Global___StreamRequest: _TypeAlias = StreamRequest  # noqa: Y015
 
 @_typing.final
 class StateChanged(_message.Message):
-    """StateChanged carries the task as it is after the change."""
+    """StateChanged carries the task as it is after the change, without its spec (which never
+    changes; the snapshot that starts every watch has it).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
