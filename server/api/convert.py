@@ -138,7 +138,9 @@ def spec_to_pb(spec: TaskSpec) -> pb.TaskSpec:
 def task_to_pb(task: Task, *, with_spec: bool = True) -> pb.Task:
     """`with_spec=False` leaves the spec out: it never changes, so Stream's state changes
     omit it (the snapshot that starts every watch has it)."""
-    message = pb.Task(
+    # Built in one constructor call: this runs for every reply and Stream event, and each
+    # CopyFrom into a submessage costs as much as building it.
+    return pb.Task(
         id=task.id,
         client_id=task.client_id,
         spec=spec_to_pb(task.spec) if with_spec else None,
@@ -148,18 +150,12 @@ def task_to_pb(task: Task, *, with_spec: bool = True) -> pb.Task:
         sequence=task.sequence,
         create_time=_timestamp(task.created_at),
         deadline=_timestamp(task.deadline),
+        start_time=None if task.started_at is None else _timestamp(task.started_at),
+        end_time=None if task.ended_at is None else _timestamp(task.ended_at),
+        output=None if task.output is None else output_to_pb(task.output),
+        error=None if task.error is None else error_to_pb(task.error),
+        usage=None if task.usage is None else usage_to_pb(task.usage),
     )
-    if task.started_at is not None:
-        message.start_time.CopyFrom(_timestamp(task.started_at))
-    if task.ended_at is not None:
-        message.end_time.CopyFrom(_timestamp(task.ended_at))
-    if task.output is not None:
-        message.output.CopyFrom(output_to_pb(task.output))
-    if task.error is not None:
-        message.error.CopyFrom(error_to_pb(task.error))
-    if task.usage is not None:
-        message.usage.CopyFrom(usage_to_pb(task.usage))
-    return message
 
 
 def output_to_pb(output: TaskOutput) -> pb.TaskOutput:
@@ -203,9 +199,8 @@ def states_from_pb(values: Any, field: str) -> set[TaskState]:
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(round(seconds * 1e9))
-    return stamp
+    whole = int(seconds)
+    return timestamp_pb2.Timestamp(seconds=whole, nanos=int((seconds - whole) * 1e9))
 
 
 def _struct(data: Mapping[str, Any]) -> struct_pb2.Struct:

@@ -109,25 +109,28 @@ class Dispatcher:
                 if loop.time() >= next_sweep:  # on a timer, not on every wake-up
                     next_sweep = loop.time() + self._settings.poll_interval_s
                     await self._expire_overdue()
-                claimed = await self._claim()
+                more = await self._claim()
             except StoreError:
                 _log.exception("dispatch paused: the store failed")
-                claimed = 0
-            if claimed and self._free_slots() > 0:
-                continue  # there may be more ready work
+                more = False
+            if more and self._free_slots() > 0:
+                continue  # the store had more ready work than we took
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self._settings.poll_interval_s)
 
     def _free_slots(self) -> int:
         return self._capacity - len(self._running)
 
-    async def _claim(self) -> int:
+    async def _claim(self) -> bool:
+        """Starts ready tasks in free slots; True if it started some and the store may hold
+        more ready work (it filled every slot asked for)."""
         free = self._free_slots()
         if free <= 0:
-            return 0
+            return False
         now = self._clock.now()
         plans: list[tuple[Task, Task, str]] = []
-        for task in await self._store.queued(free, now):
+        candidates = await self._store.queued(free, now)
+        for task in candidates:
             if task.id in self._running:
                 continue
             if task.deadline <= now:
@@ -139,10 +142,10 @@ class Dispatcher:
             self._busy[backend] += 1  # reserved now so the next task sees it
             plans.append((task, states.start(task, backend, now), backend))
         # One group commit for the whole batch.
+        started_any = False
         results = await asyncio.gather(
             *(self._store.update(new, old.sequence) for old, new, _ in plans)
         )
-        claimed = 0
         for (_, started, backend), ok in zip(plans, results, strict=True):
             if not ok:  # cancelled (or changed) since we read it
                 self._busy[backend] -= 1
@@ -152,8 +155,10 @@ class Dispatcher:
             attempt.runner = asyncio.create_task(self._run(attempt), name=f"attempt:{started.id}")
             self._running[started.id] = attempt
             self.started += 1
-            claimed += 1
-        return claimed
+            started_any = True
+        # Only worth looking again at once if this round made progress: unroutable tasks
+        # (their backends full) would otherwise be re-read in a tight loop.
+        return started_any and len(candidates) == free
 
     def _route(self, task: Task) -> str | None:
         """Walks the ring clockwise from the task's key: attempt n starts at the n-th distinct

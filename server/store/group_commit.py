@@ -3,8 +3,9 @@ every write that arrived while the previous transaction was committing.
 
 Why: with synchronous=FULL each COMMIT waits for the disk. Committing writes one by one
 would cap Submit at the disk's fsync rate; grouping lets throughput grow with load while
-every caller still gets its answer only after its write is durable. Each write runs inside
-its own SAVEPOINT, so one failing write (a constraint violation) rolls back alone.
+every caller still gets its answer only after its write is durable. A write is at most one
+modifying statement, and SQLite undoes a failing statement alone (its statement journal)
+while the transaction goes on, so one failing write does not undo its group.
 
     loop thread:  submit(op) ─▶ queue ─▶ writer: BEGIN; op1; op2; … opN; COMMIT
                   futures ◀── resolved together, one wake-up of the loop per group
@@ -99,15 +100,12 @@ class GroupCommitWriter:
         try:
             conn.execute("BEGIN IMMEDIATE")
             for write, future in group:
-                conn.execute("SAVEPOINT w")
                 try:
                     result = write(conn)
                 except Exception as exc:  # noqa: BLE001 - handed to the caller's future
-                    conn.execute("ROLLBACK TO w")
                     outcomes.append((future, None, _translate(exc)))
                 else:
                     outcomes.append((future, result, None))
-                conn.execute("RELEASE w")
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             _log.exception("sqlite group commit failed")

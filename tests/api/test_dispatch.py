@@ -12,7 +12,7 @@ from google.protobuf import duration_pb2
 
 from client._proto.taskring.v1 import tasks_pb2 as pb
 from server.backends.base import BackendError, BackendEvent, Completed, OutputChunk
-from server.backends.local import Handler, LocalBackend
+from server.backends.local import Handler, LocalBackend, LocalModelSettings, builtin_handlers
 from server.model.task import CustomInput, CustomOutput, Task
 from tests.conftest import Running, StartServer, chat_spec, local_backends, submit, wait_terminal
 
@@ -257,3 +257,26 @@ async def test_submit_during_shutdown_is_unavailable(start_server: StartServer) 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await submit(server.stub, chat_spec())
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_task_waiting_for_its_busy_backend_does_not_block_other_types(
+    start_server: StartServer,
+) -> None:
+    """A queued task whose only backend is full waits; other types keep running meanwhile."""
+    gate = Gate()
+    backends = {
+        "gpu": LocalBackend("gpu", {"gate": gate}, 1),
+        "cpu": LocalBackend("cpu", builtin_handlers(LocalModelSettings(token_delay_s=0)), 4),
+    }
+    server = await start_server(backends)
+    first = await submit(server.stub, custom_spec("gate"))
+    await asyncio.wait_for(gate.started.wait(), 5)
+    second = await submit(server.stub, custom_spec("gate"))
+    chat = await wait_terminal(server.stub, (await submit(server.stub, chat_spec())).id)
+    assert chat.state == pb.TASK_STATE_SUCCEEDED
+    assert chat.backend == "cpu"
+    waiting = (await server.stub.Get(pb.GetRequest(task_id=second.id))).task
+    assert waiting.state == pb.TASK_STATE_QUEUED
+    gate.opened.set()
+    for task in (first, second):
+        assert (await wait_terminal(server.stub, task.id)).state == pb.TASK_STATE_SUCCEEDED
