@@ -19,6 +19,7 @@ from .clock import Clock, SystemClock
 from .config import Settings
 from .dispatch.dispatcher import Dispatcher, DispatchSettings
 from .events.hub import EventHub
+from .events.recorder import ChangeRecorder
 from .model.errors import StoreError
 from .routing.ring import HashRing, Member
 from .store.sqlite import SqliteTaskStore
@@ -50,13 +51,21 @@ class App:
         self.backends = dict(backends) if backends is not None else local_backends(settings)
         self.store = SqliteTaskStore(settings.store.sqlite_path, settings.store.sqlite_synchronous)
         self.hub = EventHub()
+        recorder = ChangeRecorder(self.store, self.hub)
         ring = HashRing(Member(name) for name in self.backends)
         self.dispatcher = Dispatcher(
-            self.store, self.hub, ring, self.backends, self.clock, dispatch or DispatchSettings()
+            self.store,
+            self.hub,
+            recorder,
+            ring,
+            self.backends,
+            self.clock,
+            dispatch or DispatchSettings(),
         )
         self.tasks = TaskManager(
             self.store,
             self.hub,
+            recorder,
             self.dispatcher,
             self.clock,
             settings.tasks,

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-from collections.abc import AsyncIterator, Callable, Set
+from collections.abc import AsyncGenerator, Callable, Set
 
 from .admission.validate import validate_spec
 from .clock import Clock
 from .config import TaskLimits
 from .dispatch.dispatcher import Dispatcher
 from .events.hub import EventHub, EventKind, TaskEvent
+from .events.recorder import ChangeRecorder
 from .model import states
 from .model.errors import (
     AlreadyExistsError,
@@ -32,6 +34,7 @@ class TaskManager:
         self,
         store: TaskStore,
         hub: EventHub,
+        recorder: ChangeRecorder,
         dispatcher: Dispatcher,
         clock: Clock,
         limits: TaskLimits,
@@ -40,6 +43,7 @@ class TaskManager:
     ) -> None:
         self._store = store
         self._hub = hub
+        self._recorder = recorder
         self._dispatcher = dispatcher
         self._clock = clock
         self._limits = limits
@@ -64,7 +68,16 @@ class TaskManager:
             created_at=now,
             deadline=now + spec.timeout_s,
         )
-        stored, created = await self._store.create(task)
+        # Shielded like every write (see ChangeRecorder): a Submit whose caller went away
+        # mid-commit still publishes its task and wakes the dispatcher.
+        creation = asyncio.ensure_future(self._store.create(task))
+        try:
+            stored, created = await asyncio.shield(creation)
+        except asyncio.CancelledError:
+            stored, created = await creation
+            self._announce(stored, created)
+            raise
+        self._announce(stored, created)
         if not created:
             if stored.spec != spec:
                 raise AlreadyExistsError(
@@ -72,9 +85,12 @@ class TaskManager:
                     f" ({stored.id}); use a new key for a new task"
                 )
             return stored, False
-        self._hub.publish(TaskEvent(EventKind.STATE, stored))
-        self._dispatcher.notify()
         return stored, True
+
+    def _announce(self, task: Task, created: bool) -> None:
+        if created:
+            self._hub.publish(TaskEvent(EventKind.STATE, task))
+            self._dispatcher.notify()
 
     async def get(self, client_id: str, task_id: str) -> Task:
         _check_id(task_id)
@@ -106,8 +122,8 @@ class TaskManager:
         return page.tasks, token
 
     async def cancel(self, client_id: str, task_id: str) -> Task:
+        task = await self.get(client_id, task_id)
         while True:
-            task = await self.get(client_id, task_id)
             if task.is_terminal:
                 raise FailedPreconditionError(
                     f"task {task_id} already finished ({task.state.value}); nothing to cancel"
@@ -116,16 +132,21 @@ class TaskManager:
                 stopped = await self._dispatcher.cancel(task_id)
                 if stopped is not None and stopped.state is TaskState.CANCELLED:
                     return stopped
-                continue  # it finished or moved meanwhile: look again
-            cancelled = states.cancel(task, self._clock.now())
-            if await self._store.update(cancelled, task.sequence):
-                self._hub.publish(TaskEvent(EventKind.STATE, cancelled))
-                return cancelled
-            # The dispatcher claimed or changed it between our read and write: look again.
+            else:
+                cancelled = states.cancel(task, self._clock.now())
+                event = TaskEvent(EventKind.STATE, cancelled)
+                if await self._recorder.record([event], task.sequence):
+                    return cancelled
+            # It finished, or the dispatcher claimed or changed it meanwhile: look again, in
+            # the store itself (the hub's copy may not show that change yet).
+            current = await self._store.get(task_id)
+            if current is None or current.client_id != client_id:
+                raise NotFoundError(task_id)
+            task = current
 
     async def watch(
         self, client_id: str, task_id: str, after_sequence: int
-    ) -> AsyncIterator[TaskEvent]:
+    ) -> AsyncGenerator[TaskEvent, None]:
         """The task's snapshot (or the events after `after_sequence`), then each new event
         in order, ending after the terminal state."""
         if after_sequence < 0:
@@ -133,6 +154,12 @@ class TaskManager:
         with self._hub.subscribe(task_id) as watch:
             # Subscribed first, read second: nothing published in between is missed.
             current = await self.get(client_id, task_id)
+            if after_sequence > current.sequence:
+                raise InvalidArgumentError.single(
+                    "after_sequence",
+                    f"task {task_id} is at sequence {current.sequence}; resume from a sequence"
+                    " a previous Stream delivered",
+                )
             last = after_sequence
             if after_sequence < current.sequence:
                 replay = None
@@ -170,9 +197,10 @@ def _decode_page_token(token: str) -> int | None:
         return None
     try:
         version, cursor = base64.urlsafe_b64decode(token.encode()).decode().split(":")
-        if version != "v1":
-            raise ValueError(version)
-        return int(cursor)
+        value = int(cursor)
+        if version != "v1" or not 0 < value < 2**63:
+            raise ValueError(token)
+        return value
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise InvalidArgumentError.single(
             "page_token", "not a token from a previous List response; omit it for the first page"

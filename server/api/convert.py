@@ -70,7 +70,11 @@ def spec_from_pb(message: pb.TaskSpec) -> TaskSpec:
     elif which == "embed":
         task_input = EmbedInput(model=message.embed.model, texts=tuple(message.embed.texts))
     elif which == "custom":
-        task_input = CustomInput(json_format.MessageToDict(message.custom))
+        try:
+            task_input = CustomInput(json_format.MessageToDict(message.custom))
+        except ValueError as exc:  # NaN and infinities have no JSON form
+            problems.append(FieldViolation("task.custom", f"not representable as JSON: {exc}"))
+            task_input = CustomInput({})
     else:
         problems.append(
             FieldViolation("task.input", "set one of task.chat, task.embed, task.custom")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -81,11 +82,13 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
     async def Stream(
         self, request: pb.StreamRequest, context: Context
     ) -> AsyncIterator[pb.StreamResponse]:
+        watch = self._tasks.watch(ANONYMOUS, request.task_id, request.after_sequence)
         try:
-            async for event in self._tasks.watch(
-                ANONYMOUS, request.task_id, request.after_sequence
-            ):
-                yield stream_response(event)
+            # aclosing: a client that goes away releases its subscription at once, not
+            # whenever the collector finds the abandoned generator.
+            async with contextlib.aclosing(watch) as events:
+                async for event in events:
+                    yield stream_response(event)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to a status in _abort

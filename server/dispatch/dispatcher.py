@@ -11,12 +11,13 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 from server.backends.base import Backend, BackendError, BackendEvent, Completed, OutputChunk
 from server.clock import Clock
 from server.events.hub import EventHub, EventKind, TaskEvent
+from server.events.recorder import ChangeRecorder
 from server.model import states
 from server.model.errors import StoreError
 from server.model.task import Task, TaskError, TaskState
@@ -45,8 +46,11 @@ class _Attempt:
     task: Task
     backend: str
     runner: asyncio.Task[None] | None = None
-    # Why the runner was cancelled: "client" (Cancel RPC) or "shutdown" (hand back to queue).
+    # Why the attempt must stop: "client" (Cancel RPC) or "shutdown" (hand back to queue).
     stop_reason: str = ""
+    # Set on the runner's first step. A task cancelled before that never enters its
+    # try/finally, so until then a stop is only recorded, and the runner acts on it.
+    started: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -55,6 +59,7 @@ class Dispatcher:
         self,
         store: TaskStore,
         hub: EventHub,
+        recorder: ChangeRecorder,
         ring: HashRing,
         backends: Mapping[str, Backend],
         clock: Clock,
@@ -63,6 +68,7 @@ class Dispatcher:
     ) -> None:
         self._store = store
         self._hub = hub
+        self._recorder = recorder
         self._ring = ring
         self._backends = dict(backends)
         self._clock = clock
@@ -97,7 +103,9 @@ class Dispatcher:
         interrupted = TaskError("INTERRUPTED", "the server stopped while the task ran", True)
         while batch := await self._store.in_states([TaskState.RUNNING], 500):
             for task in batch:
-                await self._save([_state(states.requeue(task, interrupted, 0.0))], task.sequence)
+                await self._recorder.record(
+                    [_state(states.requeue(task, interrupted, 0.0))], task.sequence
+                )
             _log.info("re-queued %d tasks left running by the previous process", len(batch))
 
     async def _claim_loop(self) -> None:
@@ -129,7 +137,12 @@ class Dispatcher:
             return False
         now = self._clock.now()
         plans: list[tuple[Task, Task, str]] = []
-        candidates = await self._store.queued(free, now)
+        # Only types some backend has room for: tasks waiting for a full backend must not
+        # hide the ready tasks of other types behind them.
+        runnable = frozenset().union(
+            *(b.task_types for n, b in self._backends.items() if self._busy[n] < b.max_concurrency)
+        )
+        candidates = await self._store.queued(free, now, runnable)
         for task in candidates:
             if task.id in self._running:
                 continue
@@ -144,10 +157,13 @@ class Dispatcher:
         # One group commit for the whole batch.
         started_any = False
         results = await asyncio.gather(
-            *(self._store.update(new, old.sequence) for old, new, _ in plans)
+            *(self._store.update(new, old.sequence) for old, new, _ in plans),
+            return_exceptions=True,
         )
         for (_, started, backend), ok in zip(plans, results, strict=True):
-            if not ok:  # cancelled (or changed) since we read it
+            if ok is not True:  # cancelled or changed since we read it, or the write failed
+                if isinstance(ok, BaseException):
+                    _log.error("could not claim task %s: %s", started.id, ok)
                 self._busy[backend] -= 1
                 continue
             self._hub.publish(TaskEvent(EventKind.STATE, started))
@@ -180,13 +196,21 @@ class Dispatcher:
     async def _run(self, attempt: _Attempt) -> None:
         backend = self._backends[attempt.backend]
         loop = asyncio.get_running_loop()
+        deadline = asyncio.timeout_at(loop.time() + attempt.task.deadline - self._clock.now())
         try:
-            deadline_in = attempt.task.deadline - self._clock.now()
-            async with asyncio.timeout_at(loop.time() + deadline_in):
+            attempt.started = True
+            if attempt.stop_reason:
+                raise asyncio.CancelledError  # stopped before it began; handled below
+            async with deadline:
                 await self._execute(attempt, backend)
-        except TimeoutError:
-            if not attempt.task.is_terminal:
+        except TimeoutError as exc:
+            if attempt.task.is_terminal:
+                pass
+            elif deadline.expired():
                 await self._finish(attempt, self._deadline_failure(attempt.task))
+            else:  # the backend's own timeout (an HTTP client's, say): worth another attempt
+                error = TaskError("BACKEND_TIMEOUT", f"the backend timed out: {exc}", True)
+                await self._finish(attempt, self._after_failure(attempt.task, error))
         except BackendError as exc:
             await self._finish(attempt, self._after_failure(attempt.task, exc.error))
         except asyncio.CancelledError:
@@ -268,50 +292,13 @@ class Dispatcher:
             self._wakeup.set()
 
     async def _save_attempt(self, attempt: _Attempt, events: list[TaskEvent]) -> None:
-        def saved(task: Task) -> None:
-            attempt.task = task
+        def saved(event: TaskEvent) -> None:
+            attempt.task = event.task
 
-        await self._save(events, attempt.task.sequence, saved)
-
-    async def _save(
-        self,
-        events: list[TaskEvent],
-        expected_sequence: int,
-        on_saved: Callable[[Task], None] | None = None,
-    ) -> bool:
-        """Stores the task of the last event if nobody changed it since `expected_sequence`,
-        then publishes `events` in order (several when one write carries several changes).
-
-        Shielded: once a write is sent it is also published (and `on_saved` told), even if
-        the caller is cancelled meanwhile; a committed but unpublished change would leave
-        watchers waiting forever.
-        """
-        task = events[-1].task
-        write = asyncio.ensure_future(
-            self._store.update(task, expected_sequence)
-        )  # no Task for a future
-        try:
-            ok = await asyncio.shield(write)
-        except asyncio.CancelledError:
-            self._after_write(await write, events, on_saved)
-            raise
-        self._after_write(ok, events, on_saved)
-        return ok
-
-    def _after_write(
-        self, ok: bool, events: list[TaskEvent], on_saved: Callable[[Task], None] | None
-    ) -> None:
-        task = events[-1].task
-        if not ok:
-            _log.info("task %s changed concurrently; dropped %s", task.id, task.state.value)
-            return
-        if on_saved is not None:
-            on_saved(task)
-        for event in events:
-            self._hub.publish(event)
+        await self._recorder.record(events, attempt.task.sequence, saved)
 
     async def _fail_deadline(self, task: Task) -> None:
-        await self._save([_state(self._deadline_failure(task))], task.sequence)
+        await self._recorder.record([_state(self._deadline_failure(task))], task.sequence)
 
     async def _expire_overdue(self) -> None:
         """Fails queued tasks past their deadline (running ones time out in their attempt)."""
@@ -328,10 +315,15 @@ class Dispatcher:
         attempt = self._running.get(task_id)
         if attempt is None or attempt.runner is None:
             return None
-        attempt.stop_reason = "client"
-        attempt.runner.cancel()
+        self._stop(attempt, "client")
         await attempt.done.wait()
         return attempt.task
+
+    @staticmethod
+    def _stop(attempt: _Attempt, reason: str) -> None:
+        attempt.stop_reason = reason
+        if attempt.started and attempt.runner is not None:
+            attempt.runner.cancel()
 
     async def shutdown(self, grace_s: float = 0.0) -> None:
         """Stops claiming; lets running attempts finish for `grace_s`, then hands the rest
@@ -349,9 +341,7 @@ class Dispatcher:
             for waiter in waiters:
                 waiter.cancel()
         for attempt in list(self._running.values()):
-            if attempt.runner is not None:
-                attempt.stop_reason = "shutdown"
-                attempt.runner.cancel()
+            self._stop(attempt, "shutdown")
         for attempt in attempts:
             await attempt.done.wait()
 

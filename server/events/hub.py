@@ -112,6 +112,8 @@ class EventHub:
         log = self._logs.get(task_id)
         if log is None:
             log = self._logs[task_id] = _TaskLog(event.task, deque(maxlen=self._history_per_task))
+        elif event.sequence <= log.latest.sequence:
+            return  # already published (or superseded): order and uniqueness over all else
         log.latest = event.task
         log.events.append(event)
         if event.task.is_terminal:

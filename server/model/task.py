@@ -119,7 +119,8 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class Task:
-    """A task as stored. Every change goes through `states.transition`, which bumps `sequence`."""
+    """A task as stored. Every change goes through a function of `states`, which bumps
+    `sequence`."""
 
     id: str
     client_id: str

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Sequence, Set
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,8 +61,9 @@ class TaskStore(Protocol):
         """
         ...
 
-    async def queued(self, limit: int, now: float) -> list[Task]:
-        """QUEUED tasks ready to run (not_before <= now), highest priority first, then oldest."""
+    async def queued(self, limit: int, now: float, types: Set[str]) -> list[Task]:
+        """QUEUED tasks of `types` ready to run (not_before <= now), highest priority first,
+        then oldest."""
         ...
 
     async def in_states(self, states: Sequence[TaskState], limit: int) -> list[Task]:

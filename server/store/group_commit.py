@@ -37,7 +37,7 @@ class GroupCommitWriter:
 
     def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
         self._connect = connect
-        # Items are (write, future, loop) or None to stop; guarded by the queue itself.
+        # Items are (write, future), or None to stop; the queue does its own locking.
         self._queue: queue.SimpleQueue[tuple[Write, asyncio.Future[Any]] | None] = (
             queue.SimpleQueue()
         )

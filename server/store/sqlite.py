@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence, Set
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -200,9 +200,16 @@ class SqliteTaskStore:
         params = _update_params(task, expected_sequence)
         return self._writer.submit(lambda c: c.execute(UPDATE, params).rowcount == 1)
 
-    async def queued(self, limit: int, now: float) -> list[Task]:
-        sql = f"{SELECT} WHERE state='QUEUED' AND not_before<=? ORDER BY priority DESC, pk LIMIT ?"
-        rows = await self._read(lambda c: c.execute(sql, (now, limit)).fetchall())
+    async def queued(self, limit: int, now: float, types: Set[str]) -> list[Task]:
+        if not types:
+            return []
+        marks = ",".join("?" * len(types))
+        sql = (
+            f"{SELECT} WHERE state='QUEUED' AND not_before<=? AND type IN ({marks})"
+            " ORDER BY priority DESC, pk LIMIT ?"
+        )
+        params = [now, *sorted(types), limit]
+        rows = await self._read(lambda c: c.execute(sql, params).fetchall())
         return [_from_row(r) for r in rows]
 
     async def in_states(self, states: Sequence[TaskState], limit: int) -> list[Task]:

@@ -271,12 +271,31 @@ async def test_task_waiting_for_its_busy_backend_does_not_block_other_types(
     server = await start_server(backends)
     first = await submit(server.stub, custom_spec("gate"))
     await asyncio.wait_for(gate.started.wait(), 5)
-    second = await submit(server.stub, custom_spec("gate"))
+    # More waiting gpu tasks than the cpu backend has free slots, all ahead of the chat.
+    waiting = [await submit(server.stub, custom_spec("gate")) for _ in range(6)]
     chat = await wait_terminal(server.stub, (await submit(server.stub, chat_spec())).id)
     assert chat.state == pb.TASK_STATE_SUCCEEDED
     assert chat.backend == "cpu"
-    waiting = (await server.stub.Get(pb.GetRequest(task_id=second.id))).task
-    assert waiting.state == pb.TASK_STATE_QUEUED
+    still = (await server.stub.Get(pb.GetRequest(task_id=waiting[0].id))).task
+    assert still.state == pb.TASK_STATE_QUEUED
     gate.opened.set()
-    for task in (first, second):
+    for task in (first, *waiting):
         assert (await wait_terminal(server.stub, task.id)).state == pb.TASK_STATE_SUCCEEDED
+
+
+async def test_backend_timeout_is_retried_not_taken_for_the_deadline(
+    start_server: StartServer,
+) -> None:
+    """A TimeoutError raised inside a backend (its HTTP client's, say) is a retryable
+    failure of that attempt, not the task's own deadline."""
+
+    async def slow_provider(task: Task) -> AsyncIterator[BackendEvent]:
+        if task.attempt == 1:
+            async with asyncio.timeout(0.001):
+                await asyncio.sleep(1)
+        yield Completed(CustomOutput({"attempt": task.attempt}))
+
+    server = await start_server(local_backends(extra={"slow": slow_provider}))
+    final = await wait_terminal(server.stub, (await submit(server.stub, custom_spec("slow"))).id)
+    assert final.state == pb.TASK_STATE_SUCCEEDED
+    assert final.attempt == 2

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import grpc
+import pytest
+
 from client._proto.taskring.v1 import tasks_pb2 as pb
 from tests.conftest import Running, StartServer, chat_spec, submit, watch_all
 
@@ -131,3 +134,13 @@ async def test_stream_of_cancelled_task_ends_cancelled(start_server: StartServer
     await server.stub.Cancel(pb.CancelRequest(task_id=task.id))
     events = await asyncio.wait_for(watcher, 5)
     assert kinds(events)[-1] == "CANCELLED"
+
+
+async def test_resume_beyond_the_current_sequence_is_invalid(server: Running) -> None:
+    """A resume point the task never reached is the caller's mistake, said at once."""
+    task = await submit(server.stub, chat_spec())
+    events = await watch_all(server.stub, task.id)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await watch_all(server.stub, task.id, after_sequence=events[-1].sequence + 100)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "after_sequence" in (caught.value.details() or "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Awaitable
 
 import grpc
@@ -91,6 +92,13 @@ async def test_max_tokens_truncates_the_reply(server: Running) -> None:
         (chat_spec(max_attempts=1000), "task.max_attempts"),
         (chat_spec(priority=99), "task.priority"),
         (chat_spec(routing_key="k" * 1000), "task.routing_key"),
+        (
+            pb.TaskSpec(
+                type="x",
+                custom=struct_pb2.Struct(fields={"n": struct_pb2.Value(number_value=float("nan"))}),
+            ),
+            "task.custom",
+        ),
     ],
 )
 async def test_invalid_submit_names_the_field_to_fix(
@@ -185,6 +193,12 @@ async def test_list_filters_by_state_and_type_and_pages_newest_first(server: Run
     ("request_", "field"),
     [
         (pb.ListRequest(page_token="not-a-token"), "page_token"),
+        (
+            pb.ListRequest(
+                page_token=base64.urlsafe_b64encode(b"v1:" + str(2**70).encode()).decode()
+            ),
+            "page_token",
+        ),
         (pb.ListRequest(page_size=-1), "page_size"),
         (pb.ListRequest(page_size=100_000), "page_size"),
         (pb.ListRequest(states=[42]), "states[0]"),  # type: ignore[list-item]

@@ -148,7 +148,7 @@ async def test_queued_returns_ready_tasks_by_priority_then_age(store: TaskStore)
     await store.create(
         new_task(5, spec=replace(new_task(5).spec, priority=Priority.URGENT), not_before=2000.0)
     )
-    ready = await store.queued(10, now=1500.0)
+    ready = await store.queued(10, now=1500.0, types={"chat"})
     assert [t.id for t in ready] == [
         "task-0002",
         "task-0004",
@@ -156,8 +156,10 @@ async def test_queued_returns_ready_tasks_by_priority_then_age(store: TaskStore)
         "task-0003",
         "task-0000",
     ]
-    later = await store.queued(2, now=2000.0)
+    later = await store.queued(2, now=2000.0, types={"chat"})
     assert [t.id for t in later] == ["task-0002", "task-0005"]
+    assert await store.queued(10, now=2000.0, types={"embed"}) == []
+    assert await store.queued(10, now=2000.0, types=set()) == []
 
 
 async def test_list_pages_filter_and_isolate_clients(store: TaskStore) -> None:
