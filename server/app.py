@@ -1,5 +1,5 @@
 """The composition root: builds every part from Settings, starts them in order and stops
-them in reverse (readiness off, server stop, dispatcher drain, store close)."""
+them in reverse (readiness off, dispatcher drain, streams end, server stop, store close)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ TaskringError
 ├── NotFoundError              no such task (for this client)
 ├── AlreadyExistsError         an idempotency key reused for a different task
 ├── FailedPreconditionError    the request is valid but not in the task's current state
-├── InvalidTransitionError     a state change the state machine forbids (a bug if it escapes)
+├── InvalidTransitionError     a state change the state machine forbids: a bug (INTERNAL)
 ├── UnavailableError           the service cannot take the request now (shutting down)
 └── StoreError                 the store failed; retryable
 """
