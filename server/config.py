@@ -105,6 +105,10 @@ class Settings:
                 default_max_attempts=reader.get("TASKRING_DEFAULT_MAX_ATTEMPTS", 3, _positive_int),
             ),
         )
+        if settings.tasks.default_max_attempts > settings.tasks.max_attempts:
+            reader.problems.append(
+                f"TASKRING_DEFAULT_MAX_ATTEMPTS must not exceed {settings.tasks.max_attempts}"
+            )
         if settings.tasks.default_timeout_s > settings.tasks.max_timeout_s:
             reader.problems.append(
                 "TASKRING_DEFAULT_TIMEOUT_S must not exceed TASKRING_MAX_TIMEOUT_S"
@@ -174,6 +178,8 @@ def _host_port(raw: str) -> str:
 
 
 def _store_url(raw: str) -> str:
+    if raw == "sqlite:///:memory:":
+        raise ValueError("an in-memory database is not durable; give a file path")
     if not raw.startswith("sqlite:///") or raw == "sqlite:///":
         raise ValueError("expected sqlite:///relative/path.db or sqlite:////absolute/path.db")
     return raw

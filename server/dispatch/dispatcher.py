@@ -29,6 +29,9 @@ from .retry import RetryPolicy
 
 _log = logging.getLogger(__name__)
 
+# Pauses between tries of an attempt's final write when the store fails (then one last try).
+FINAL_WRITE_RETRIES_S = (0.1, 0.5, 2.0, 5.0)
+
 
 @dataclass(frozen=True, slots=True)
 class DispatchSettings:
@@ -39,6 +42,10 @@ class DispatchSettings:
 
 class _End:
     """Marks the end of a backend's event stream in the attempt's queue."""
+
+
+class _Superseded(Exception):  # noqa: N818 - a signal, not an error users see
+    """The task changed under the attempt (another writer won): stop without writing."""
 
 
 @dataclass(slots=True)
@@ -103,10 +110,14 @@ class Dispatcher:
         interrupted = TaskError("INTERRUPTED", "the server stopped while the task ran", True)
         while batch := await self._store.in_states([TaskState.RUNNING], 500):
             for task in batch:
-                await self._recorder.record(
-                    [_state(states.requeue(task, interrupted, 0.0))], task.sequence
-                )
-            _log.info("re-queued %d tasks left running by the previous process", len(batch))
+                # A task that takes its process down with it must not do so forever.
+                if task.attempt >= task.spec.max_attempts:
+                    after = states.fail(task, interrupted, self._clock.now())
+                else:
+                    after = states.requeue(task, interrupted, 0.0)
+                if not await self._recorder.record([_state(after)], task.sequence):
+                    raise StoreError(f"task {task.id} changed while it was being recovered")
+            _log.info("recovered %d tasks left running by the previous process", len(batch))
 
     async def _claim_loop(self) -> None:
         next_sweep = 0.0
@@ -194,6 +205,25 @@ class Dispatcher:
         return None
 
     async def _run(self, attempt: _Attempt) -> None:
+        try:
+            ending = await self._attempt(attempt)
+            if ending is not None and not attempt.task.is_terminal:
+                await self._finish(attempt, ending)
+        except _Superseded:
+            pass  # another writer (Cancel, a deadline sweep) already decided the outcome
+        except StoreError:
+            # Even the retried final write failed: the task stays RUNNING in the store and
+            # recovery re-queues it at the next start.
+            _log.exception("task %s: could not store the end of its attempt", attempt.task.id)
+        finally:
+            self._busy[attempt.backend] -= 1
+            self._running.pop(attempt.task.id, None)
+            attempt.done.set()
+            self._wakeup.set()
+
+    async def _attempt(self, attempt: _Attempt) -> Task | None:  # noqa: PLR0911 - one per way it ends
+        """Runs one attempt. Returns the change that ends it, or None when the attempt
+        already stored its own ending (success)."""
         backend = self._backends[attempt.backend]
         loop = asyncio.get_running_loop()
         deadline = asyncio.timeout_at(loop.time() + attempt.task.deadline - self._clock.now())
@@ -205,31 +235,28 @@ class Dispatcher:
                 await self._execute(attempt, backend)
         except TimeoutError as exc:
             if attempt.task.is_terminal:
-                pass
-            elif deadline.expired():
-                await self._finish(attempt, self._deadline_failure(attempt.task))
-            else:  # the backend's own timeout (an HTTP client's, say): worth another attempt
-                error = TaskError("BACKEND_TIMEOUT", f"the backend timed out: {exc}", True)
-                await self._finish(attempt, self._after_failure(attempt.task, error))
+                return None  # it finished just as the deadline struck
+            if deadline.expired():
+                return self._deadline_failure(attempt.task)
+            # The backend's own timeout (an HTTP client's, say): worth another attempt.
+            error = TaskError("BACKEND_TIMEOUT", f"the backend timed out: {exc}", True)
+            return self._after_failure(attempt.task, error)
         except BackendError as exc:
-            await self._finish(attempt, self._after_failure(attempt.task, exc.error))
+            return self._after_failure(attempt.task, exc.error)
         except asyncio.CancelledError:
             if attempt.task.is_terminal:
-                pass  # it finished while the cancel was on its way
-            elif attempt.stop_reason == "client":
-                await self._finish(attempt, states.cancel(attempt.task, self._clock.now()))
-            else:
-                error = TaskError("INTERRUPTED", "the server shut down while the task ran", True)
-                await self._finish(attempt, states.requeue(attempt.task, error, 0.0))
+                return None  # it finished while the stop was on its way
+            if attempt.stop_reason == "client":
+                return states.cancel(attempt.task, self._clock.now())
+            error = TaskError("INTERRUPTED", "the server shut down while the task ran", True)
+            return states.requeue(attempt.task, error, 0.0)
+        except (_Superseded, StoreError):
+            raise
         except Exception:  # noqa: BLE001 - a handler's bug fails its task, not the dispatcher
             _log.exception("attempt of task %s failed unexpectedly", attempt.task.id)
             error = TaskError("INTERNAL", "the executor failed unexpectedly", False)
-            await self._finish(attempt, states.fail(attempt.task, error, self._clock.now()))
-        finally:
-            self._busy[attempt.backend] -= 1
-            self._running.pop(attempt.task.id, None)
-            attempt.done.set()
-            self._wakeup.set()
+            return states.fail(attempt.task, error, self._clock.now())
+        return None
 
     async def _execute(self, attempt: _Attempt, backend: Backend) -> None:
         """Pumps the backend's events through a queue so that output produced while a write
@@ -282,7 +309,22 @@ class Dispatcher:
         self._count(result)
 
     async def _finish(self, attempt: _Attempt, result: Task) -> None:
-        await self._save_attempt(attempt, [TaskEvent(EventKind.STATE, result)])
+        """Stores how the attempt ended. A store failure here is retried while the attempt
+        keeps its slot: giving up would leave the task RUNNING until the next restart."""
+        for delay_s in FINAL_WRITE_RETRIES_S:
+            try:
+                await self._save_attempt(attempt, [TaskEvent(EventKind.STATE, result)])
+                break
+            except StoreError as exc:
+                _log.warning(
+                    "task %s: could not store %s (%s); retrying",
+                    attempt.task.id,
+                    result.state.value,
+                    exc,
+                )
+                await asyncio.sleep(delay_s)
+        else:
+            await self._save_attempt(attempt, [TaskEvent(EventKind.STATE, result)])
         self._count(result)
 
     def _count(self, result: Task) -> None:
@@ -292,10 +334,14 @@ class Dispatcher:
             self._wakeup.set()
 
     async def _save_attempt(self, attempt: _Attempt, events: list[TaskEvent]) -> None:
+        """Stores the attempt's next change; raises _Superseded if someone else changed the
+        task meanwhile (the attempt then has nothing more to say about it)."""
+
         def saved(event: TaskEvent) -> None:
             attempt.task = event.task
 
-        await self._recorder.record(events, attempt.task.sequence, saved)
+        if not await self._recorder.record(events, attempt.task.sequence, saved):
+            raise _Superseded
 
     async def _fail_deadline(self, task: Task) -> None:
         await self._recorder.record([_state(self._deadline_failure(task))], task.sequence)

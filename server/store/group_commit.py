@@ -70,7 +70,12 @@ class GroupCommitWriter:
         await asyncio.to_thread(thread.join)
 
     def _run(self) -> None:
-        conn = self._connect()
+        try:
+            conn = self._connect()
+        except sqlite3.Error as exc:
+            _log.exception("the sqlite writer cannot open the store")
+            self._fail_pending(StoreError(f"the task store cannot be opened: {exc}"))
+            return
         try:
             while True:
                 first = self._queue.get()
@@ -93,20 +98,44 @@ class GroupCommitWriter:
         finally:
             conn.close()
 
+    def _fail_pending(self, error: StoreError) -> None:
+        """Fails every queued write: nobody waits forever on a writer that is gone."""
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                outcomes.append((item[1], None, error))
+        self._thread = None
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(_resolve_all, outcomes)
+
     def _commit(
         self, conn: sqlite3.Connection, group: list[tuple[Write, asyncio.Future[Any]]]
     ) -> None:
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for write, future in group:
+            for index, (write, future) in enumerate(group):
                 try:
                     result = write(conn)
                 except Exception as exc:  # noqa: BLE001 - handed to the caller's future
                     outcomes.append((future, None, _translate(exc)))
+                    if not conn.in_transaction:
+                        # Some errors (disk full, I/O) roll back the whole transaction: the
+                        # writes before this one are gone too, and later ones must not run
+                        # outside a transaction. All of them fail, none half-done.
+                        lost = StoreError(f"the task store rolled back a group: {exc}")
+                        outcomes = [(f, None, lost) for _, f in group[:index]] + outcomes[-1:]
+                        outcomes += [(f, None, lost) for _, f in group[index + 1 :]]
+                        break
                 else:
                     outcomes.append((future, result, None))
-            conn.execute("COMMIT")
+            else:
+                conn.execute("COMMIT")
         except sqlite3.Error as exc:
             _log.exception("sqlite group commit failed")
             with contextlib.suppress(sqlite3.Error):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client._proto.taskring.v1 import tasks_pb2 as pb
-from server.model.task import Task, TaskState
+from server.model import states
+from server.model.task import ChatInput, ChatMessage, Task, TaskSpec, TaskState
 from server.store.sqlite import SqliteTaskStore
-from tests.conftest import StartServer, chat_spec, submit
+from tests.conftest import StartServer, chat_spec, submit, wait_terminal
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -72,3 +74,33 @@ async def reopen_and_get(store: SqliteTaskStore, task_id: str) -> Task | None:
         return await store.get(task_id)
     finally:
         await store.close()
+
+
+async def test_restart_requeues_running_tasks_until_attempts_run_out(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """Tasks left RUNNING by a dead process run again, unless that was their last attempt
+    (a task that kills its process must not do so forever)."""
+    db = tmp_path / "recover.db"
+    store = SqliteTaskStore(db)
+    await store.start()
+    spec = TaskSpec(
+        type="chat", input=ChatInput("local-echo", (ChatMessage("user", "hi"),)), max_attempts=2
+    )
+    left: list[Task] = []
+    for n, attempts_used in [(1, 0), (2, 1)]:
+        queued = Task(f"t{n}", "anonymous", spec, TaskState.QUEUED, 1.0, 9e9, attempt=attempts_used)
+        await store.create(queued)
+        running = states.start(queued, "local-1", 2.0)
+        assert await store.update(running, queued.sequence)
+        left.append(running)
+    await store.close()
+
+    server = await start_server(db=db)
+    retried = await wait_terminal(server.stub, "t1")
+    assert retried.state == pb.TASK_STATE_SUCCEEDED
+    assert retried.attempt == 2
+    exhausted = await wait_terminal(server.stub, "t2")
+    assert exhausted.state == pb.TASK_STATE_FAILED
+    assert exhausted.error.code == "INTERRUPTED"
+    assert exhausted.attempt == 2

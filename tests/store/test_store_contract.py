@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -208,12 +209,25 @@ async def test_concurrent_writes_commit_in_groups(store: SqliteTaskStore) -> Non
     assert len((await store.list_page(ListQuery(client_id="client-a", limit=1000))).tasks) == 300
 
 
-async def test_one_failing_write_does_not_undo_its_group(store: TaskStore) -> None:
+async def test_one_failing_write_does_not_undo_its_group(store: SqliteTaskStore) -> None:
     """A write that violates a constraint fails alone; the others in its group commit."""
     await store.create(new_task(1))
+    # Hold the writer so that the next writes queue up and share one transaction.
+    taken, release = threading.Event(), threading.Event()
+
+    def hold(_: object) -> bool:
+        taken.set()
+        return release.wait(5)
+
+    held = store._writer.submit(hold)
+    await asyncio.to_thread(taken.wait, 5)
+    groups_before = store.statistics()["commit_groups"]
     duplicate = store.create(new_task(1))  # same id: a bug, surfaces as an error
     fine = store.create(new_task(2))
+    release.set()
+    await held
     results = await asyncio.gather(duplicate, fine, return_exceptions=True)
+    assert store.statistics()["commit_groups"] - groups_before == 2, "held group + one more"
     assert isinstance(results[0], StoreError)
     assert results[1] == (new_task(2), True)
     assert await store.get("task-0002") == new_task(2)

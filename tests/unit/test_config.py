@@ -57,3 +57,22 @@ def test_every_bad_variable_is_reported_at_once() -> None:
         assert name in text
     assert len(caught.value.problems) == 4
     assert "'nowhere'" in text
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"TASKRING_DEFAULT_MAX_ATTEMPTS": "20"}, "TASKRING_DEFAULT_MAX_ATTEMPTS"),
+        ({"TASKRING_STORE": "sqlite:///:memory:"}, "TASKRING_STORE"),
+        (
+            {"TASKRING_DEFAULT_TIMEOUT_S": "100", "TASKRING_MAX_TIMEOUT_S": "10"},
+            "TASKRING_DEFAULT_TIMEOUT_S",
+        ),
+    ],
+)
+def test_settings_that_would_break_every_request_are_refused(
+    env: dict[str, str], name: str
+) -> None:
+    """A default above its limit, or a store that keeps nothing, stops the start."""
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env(env)
