@@ -19,6 +19,7 @@ from .model.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    StoreError,
     UnavailableError,
 )
 from .model.ids import UuidV7Factory
@@ -68,16 +69,20 @@ class TaskManager:
             created_at=now,
             deadline=now + spec.timeout_s,
         )
+        started = self._dispatcher.start_at_submit(task, now)
         # Shielded like every write (see ChangeRecorder): a Submit whose caller went away
-        # mid-commit still publishes its task and wakes the dispatcher.
-        creation = asyncio.ensure_future(self._store.create(task))
+        # mid-commit still publishes its task and hands it to the dispatcher.
+        creation = asyncio.ensure_future(self._store.create(started or task))
         try:
             stored, created = await asyncio.shield(creation)
         except asyncio.CancelledError:
-            stored, created = await creation
-            self._announce(stored, created)
+            stored, created = await self._settle(creation, task, started)
             raise
-        self._announce(stored, created)
+        except StoreError:
+            if started is not None:
+                self._dispatcher.release(started)
+            raise
+        self._announce(stored, created, task, started)
         if not created:
             if stored.spec != spec:
                 raise AlreadyExistsError(
@@ -87,10 +92,29 @@ class TaskManager:
             return stored, False
         return stored, True
 
-    def _announce(self, task: Task, created: bool) -> None:
-        if created:
+    async def _settle(
+        self, creation: asyncio.Future[tuple[Task, bool]], task: Task, started: Task | None
+    ) -> tuple[Task, bool]:
+        try:
+            stored, created = await creation
+        except StoreError:
+            if started is not None:
+                self._dispatcher.release(started)
+            raise
+        self._announce(stored, created, task, started)
+        return stored, created
+
+    def _announce(self, stored: Task, created: bool, task: Task, started: Task | None) -> None:
+        if not created:  # an idempotent replay: the slot reserved for it is not needed
+            if started is not None:
+                self._dispatcher.release(started)
+            return
+        # A task started at submit was stored RUNNING; its QUEUED moment is published too,
+        # so every watcher sees the same states whichever way it went.
+        if started is not None:
             self._hub.publish(TaskEvent(EventKind.STATE, task))
-            self._dispatcher.notify()
+        self._hub.publish(TaskEvent(EventKind.STATE, stored))
+        self._dispatcher.submitted(stored)
 
     async def get(self, client_id: str, task_id: str) -> Task:
         _check_id(task_id)

@@ -85,6 +85,10 @@ class Dispatcher:
         self._busy: dict[str, int] = dict.fromkeys(self._backends, 0)
         # Attempts running in this process, by task id; only the event loop thread touches it.
         self._running: dict[str, _Attempt] = {}
+        # True while the last look at the store left no ready task of a type some member
+        # has room for: a new task may then start at once, stored RUNNING by Submit's own
+        # write (no queue to jump, one write and one store read fewer per task).
+        self._queue_drained = False
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -101,10 +105,6 @@ class Dispatcher:
             return
         await self._recover()
         self._loop_task = asyncio.create_task(self._claim_loop(), name="dispatcher")
-
-    def notify(self) -> None:
-        """Work may be waiting (a task was submitted): look now rather than at the next poll."""
-        self._wakeup.set()
 
     async def _recover(self) -> None:
         interrupted = TaskError("INTERRUPTED", "the server stopped while the task ran", True)
@@ -138,7 +138,38 @@ class Dispatcher:
                 await asyncio.wait_for(self._wakeup.wait(), self._settings.poll_interval_s)
 
     def _free_slots(self) -> int:
-        return self._capacity - len(self._running)
+        return self._capacity - sum(self._busy.values())
+
+    def start_at_submit(self, task: Task, now: float) -> Task | None:
+        """`task` already RUNNING on a member with room, with the slot reserved, when
+        nothing waits in the queue ahead of it; None when it must queue. The caller stores
+        the result, then calls `submitted` (or `release` if the write failed)."""
+        if self._stopping or not self._queue_drained:
+            return None
+        backend = self._route(task)
+        if backend is None:
+            self._queue_drained = False  # it will wait: later arrivals queue behind it
+            return None
+        self._busy[backend] += 1
+        return states.start(task, backend, now)
+
+    def submitted(self, task: Task) -> None:
+        """A new task is stored: run it if it was started at submit, else look at the queue."""
+        if task.state is TaskState.RUNNING:
+            self._launch(task)
+        else:
+            self._queue_drained = False
+            self._wakeup.set()
+
+    def release(self, task: Task) -> None:
+        """Gives back the slot `start_at_submit` reserved: the task was not stored."""
+        self._busy[task.backend] -= 1
+
+    def _launch(self, task: Task) -> None:
+        attempt = _Attempt(task, task.backend)
+        attempt.runner = asyncio.create_task(self._run(attempt), name=f"attempt:{task.id}")
+        self._running[task.id] = attempt
+        self.started += 1
 
     async def _claim(self) -> bool:
         """Starts ready tasks in free slots; True if it started some and the store may hold
@@ -154,6 +185,7 @@ class Dispatcher:
             *(b.task_types for n, b in self._backends.items() if self._busy[n] < b.max_concurrency)
         )
         candidates = await self._store.queued(free, now, runnable)
+        left_waiting = 0
         for task in candidates:
             if task.id in self._running:
                 continue
@@ -162,6 +194,7 @@ class Dispatcher:
                 continue
             backend = self._route(task)
             if backend is None:
+                left_waiting += 1
                 continue
             self._busy[backend] += 1  # reserved now so the next task sees it
             plans.append((task, states.start(task, backend, now), backend))
@@ -178,11 +211,9 @@ class Dispatcher:
                 self._busy[backend] -= 1
                 continue
             self._hub.publish(TaskEvent(EventKind.STATE, started))
-            attempt = _Attempt(started, backend)
-            attempt.runner = asyncio.create_task(self._run(attempt), name=f"attempt:{started.id}")
-            self._running[started.id] = attempt
-            self.started += 1
+            self._launch(started)
             started_any = True
+        self._queue_drained = len(candidates) < free and not left_waiting
         # Only worth looking again at once if this round made progress: unroutable tasks
         # (their backends full) would otherwise be re-read in a tight loop.
         return started_any and len(candidates) == free
@@ -331,6 +362,7 @@ class Dispatcher:
         key = result.state.value
         self.finished[key] = self.finished.get(key, 0) + 1
         if result.state is TaskState.QUEUED:
+            self._queue_drained = False
             self._wakeup.set()
 
     async def _save_attempt(self, attempt: _Attempt, events: list[TaskEvent]) -> None:

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from client._proto.taskring.v1 import tasks_pb2 as pb
-from tests.conftest import Running, StartServer, chat_spec, submit, watch_all
+from tests.conftest import Running, StartServer, chat_spec, submit, wait_terminal, watch_all
 
 
 def kinds(events: list[pb.StreamResponse]) -> list[str]:
@@ -104,12 +104,13 @@ async def test_resume_without_history_falls_back_to_snapshot(
     db = tmp_path / "restart.db"
     first = await start_server(db=db)
     task = await submit(first.stub, chat_spec("x y"))
-    events = await watch_all(first.stub, task.id)
+    final = await wait_terminal(first.stub, task.id)
+    assert final.sequence > 2
     await first.app.stop()
     second = await start_server(db=db)
     resumed = await watch_all(second.stub, task.id, after_sequence=2)
     assert kinds(resumed) == ["snapshot"]
-    assert resumed[0].snapshot.output.chat.text == events[-1].state_changed.task.output.chat.text
+    assert resumed[0].snapshot.output.chat.text == final.output.chat.text == "[local-echo] x y"
 
 
 async def test_many_watchers_all_get_every_event(start_server: StartServer) -> None:

@@ -30,7 +30,8 @@ async def test_submitted_chat_task_succeeds_with_echo_reply(server: Running) -> 
     """A chat task runs on a local executor and its reply, usage and times are recorded."""
     task = await submit(server.stub, chat_spec("hello taskring"))
     assert task.id
-    assert task.state == pb.TASK_STATE_QUEUED
+    # Stored QUEUED, or already RUNNING when a backend had room and nothing was waiting.
+    assert task.state in (pb.TASK_STATE_QUEUED, pb.TASK_STATE_RUNNING)
     assert task.spec.type == "chat"
     final = await wait_terminal(server.stub, task.id)
     assert final.state == pb.TASK_STATE_SUCCEEDED

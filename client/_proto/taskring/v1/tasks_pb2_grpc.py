@@ -79,7 +79,8 @@ class TaskServiceServicer:
     """
 
     def Submit(self, request, context):
-        """Submit stores a task and replies once it is durably committed.
+        """Submit stores a task and replies once it is durably committed, with the task as
+        stored: QUEUED, or already RUNNING when a backend had room and nothing was waiting.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

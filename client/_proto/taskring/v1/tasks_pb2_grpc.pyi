@@ -41,7 +41,9 @@ class TaskServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TaskServiceAsyncStub: ...
     Submit: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.SubmitRequest, _tasks_pb2.SubmitResponse]
-    """Submit stores a task and replies once it is durably committed."""
+    """Submit stores a task and replies once it is durably committed, with the task as
+    stored: QUEUED, or already RUNNING when a backend had room and nothing was waiting.
+    """
     Get: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.GetRequest, _tasks_pb2.GetResponse]
     """Get returns a task by id."""
     Cancel: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.CancelRequest, _tasks_pb2.CancelResponse]
@@ -66,7 +68,9 @@ class TaskServiceAsyncStub(TaskServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Submit: _aio.UnaryUnaryMultiCallable[_tasks_pb2.SubmitRequest, _tasks_pb2.SubmitResponse]  # type: ignore[assignment]
-    """Submit stores a task and replies once it is durably committed."""
+    """Submit stores a task and replies once it is durably committed, with the task as
+    stored: QUEUED, or already RUNNING when a backend had room and nothing was waiting.
+    """
     Get: _aio.UnaryUnaryMultiCallable[_tasks_pb2.GetRequest, _tasks_pb2.GetResponse]  # type: ignore[assignment]
     """Get returns a task by id."""
     Cancel: _aio.UnaryUnaryMultiCallable[_tasks_pb2.CancelRequest, _tasks_pb2.CancelResponse]  # type: ignore[assignment]
@@ -94,7 +98,9 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tasks_pb2.SubmitRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tasks_pb2.SubmitResponse, _abc.Awaitable[_tasks_pb2.SubmitResponse]]:
-        """Submit stores a task and replies once it is durably committed."""
+        """Submit stores a task and replies once it is durably committed, with the task as
+        stored: QUEUED, or already RUNNING when a backend had room and nothing was waiting.
+        """
 
     @_abc_1.abstractmethod
     def Get(
