@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -126,7 +127,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     submit.add_argument("--priority", choices=PRIORITIES)
     submit.add_argument("--routing-key", default="", metavar="KEY")
-    submit.add_argument("--timeout", dest="timeout_s", type=float, metavar="SECONDS")
+    submit.add_argument("--timeout", dest="timeout_s", type=_seconds, metavar="SECONDS")
     submit.add_argument("--max-attempts", type=int, default=0, metavar="N")
     submit.add_argument("--idempotency-key", default="", metavar="KEY")
     submit.add_argument(
@@ -416,6 +417,18 @@ def _follow(client: TaskringClient, task_id: str, after_sequence: int) -> int:
         printer.handle(event)
     assert printer.task is not None, "watch ends only after an event carrying the final task"
     return exit_code_for(printer.task.state)
+
+
+def _seconds(raw: str) -> float:
+    """A positive, finite number of seconds: a usage error (exit 64) otherwise, not a
+    traceback that would exit 1 like a FAILED task."""
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a positive number of seconds")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import random
 from collections.abc import AsyncIterator, Mapping
@@ -40,6 +41,11 @@ class DispatchSettings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
+class StopReason(enum.Enum):
+    CLIENT = "client"  # Cancel: the attempt ends CANCELLED
+    SHUTDOWN = "shutdown"  # the server stops: the task goes back to the queue
+
+
 class _End:
     """Marks the end of a backend's event stream in the attempt's queue."""
 
@@ -53,8 +59,8 @@ class _Attempt:
     task: Task
     backend: str
     runner: asyncio.Task[None] | None = None
-    # Why the attempt must stop: "client" (Cancel RPC) or "shutdown" (hand back to queue).
-    stop_reason: str = ""
+    # Why the attempt must stop, once someone asked it to.
+    stop_reason: StopReason | None = None
     # Set on the runner's first step. A task cancelled before that never enters its
     # try/finally, so until then a stop is only recorded, and the runner acts on it.
     started: bool = False
@@ -260,7 +266,7 @@ class Dispatcher:
         deadline = asyncio.timeout_at(loop.time() + attempt.task.deadline - self._clock.now())
         try:
             attempt.started = True
-            if attempt.stop_reason:
+            if attempt.stop_reason is not None:
                 raise asyncio.CancelledError  # stopped before it began; handled below
             async with deadline:
                 await self._execute(attempt, backend)
@@ -277,7 +283,7 @@ class Dispatcher:
         except asyncio.CancelledError:
             if attempt.task.is_terminal:
                 return None  # it finished while the stop was on its way
-            if attempt.stop_reason == "client":
+            if attempt.stop_reason is StopReason.CLIENT:
                 return states.cancel(attempt.task, self._clock.now())
             error = TaskError("INTERRUPTED", "the server shut down while the task ran", True)
             return states.requeue(attempt.task, error, 0.0)
@@ -380,9 +386,13 @@ class Dispatcher:
 
     async def _expire_overdue(self) -> None:
         """Fails queued tasks past their deadline (running ones time out in their attempt)."""
-        for task in await self._store.expired(self._clock.now(), 500):
-            if task.id not in self._running and task.state is TaskState.QUEUED:
-                await self._fail_deadline(task)
+        overdue = [
+            task
+            for task in await self._store.expired(self._clock.now(), 500)
+            if task.id not in self._running and task.state is TaskState.QUEUED
+        ]
+        # Together, so they share one group commit instead of one each.
+        await asyncio.gather(*(self._fail_deadline(task) for task in overdue))
 
     def running(self, task_id: str) -> bool:
         return task_id in self._running
@@ -393,12 +403,12 @@ class Dispatcher:
         attempt = self._running.get(task_id)
         if attempt is None or attempt.runner is None:
             return None
-        self._stop(attempt, "client")
+        self._stop(attempt, StopReason.CLIENT)
         await attempt.done.wait()
         return attempt.task
 
     @staticmethod
-    def _stop(attempt: _Attempt, reason: str) -> None:
+    def _stop(attempt: _Attempt, reason: StopReason) -> None:
         attempt.stop_reason = reason
         if attempt.started and attempt.runner is not None:
             attempt.runner.cancel()
@@ -419,7 +429,7 @@ class Dispatcher:
             for waiter in waiters:
                 waiter.cancel()
         for attempt in list(self._running.values()):
-            self._stop(attempt, "shutdown")
+            self._stop(attempt, StopReason.SHUTDOWN)
         for attempt in attempts:
             await attempt.done.wait()
 

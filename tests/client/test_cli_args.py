@@ -311,3 +311,10 @@ def test_watch_prints_a_final_embedding_as_json() -> None:
     done = task(pb.TASK_STATE_SUCCEEDED, 3, attempt=1, output=output)
     out, _ = watch(pb.StreamResponse(sequence=3, snapshot=done))
     assert out == '{"embeddings": [{"values": [0.5, 0.25]}]}\n'
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0", "soon"])
+def test_bad_timeout_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A timeout that is not a positive number exits 64 with a message, not a traceback."""
+    assert main(["--target", "127.0.0.1:1", "submit", "hi", "--timeout", value]) == 64
+    assert "not a positive number of seconds" in capsys.readouterr().err
