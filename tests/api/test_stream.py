@@ -52,7 +52,8 @@ async def test_stream_shows_snapshot_then_each_token_then_success(
     assert sequences == list(range(sequences[0], sequences[0] + len(sequences))), "no gaps"
     deltas = [e.output_delta.text for e in events if e.HasField("output_delta")]
     assert snapshot.output.chat.text + "".join(deltas) == "[local-echo] one two three"
-    assert deltas[-3:] == ["one ", "two ", "three"], "each token arrives as it is generated"
+    # Tokens 20 ms apart arrive one by one (a slow commit may merge two, never lose one).
+    assert len(deltas) >= 3, "the reply streams in as it is generated"
     final = events[-1].state_changed.task
     assert final.sequence == events[-1].sequence
     assert final.output.chat.text == snapshot.output.chat.text + streamed_text(events)
@@ -120,10 +121,16 @@ async def test_many_watchers_all_get_every_event(start_server: StartServer) -> N
     results = await asyncio.gather(*(watch_all(server.stub, task.id) for _ in range(10)))
     finals = {r[-1].sequence for r in results}
     assert len(finals) == 1
-    # Watchers that joined later start from a later snapshot; all end with the full text.
+    # Watchers that joined later start from a later snapshot; each then sees every later
+    # event in order and ends with SUCCEEDED and the full text.
     for events in results:
-        snapshot_text = events[0].snapshot.output.chat.text
-        assert snapshot_text + streamed_text(events) == "[local-echo] a b c d"
+        snapshot = events[0].snapshot
+        assert snapshot.output.chat.text + streamed_text(events) == "[local-echo] a b c d"
+        seen = [pb.TaskState.Name(snapshot.state).removeprefix("TASK_STATE_")]
+        seen += [k for k in kinds(events[1:]) if k != "output_delta"]
+        assert seen in (["QUEUED", "RUNNING", "SUCCEEDED"], ["RUNNING", "SUCCEEDED"])
+        sequences = [e.sequence for e in events]
+        assert sequences == list(range(sequences[0], sequences[0] + len(sequences)))
 
 
 async def test_stream_of_cancelled_task_ends_cancelled(start_server: StartServer) -> None:
