@@ -55,7 +55,6 @@ class App:
         ring = HashRing(Member(name) for name in self.backends)
         self.dispatcher = Dispatcher(
             self.store,
-            self.hub,
             recorder,
             ring,
             self.backends,
@@ -125,9 +124,6 @@ class App:
         self.hub.close()
         await self.server.stop(grace)
         await self.store.close()
-
-    async def wait_closed(self) -> None:
-        await self.server.wait_for_termination()
 
     async def __aenter__(self) -> App:
         await self.start()

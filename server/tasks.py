@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 from collections.abc import AsyncGenerator, Callable, Set
 
 from .admission.validate import validate_spec
@@ -19,7 +20,6 @@ from .model.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
-    StoreError,
     UnavailableError,
 )
 from .model.ids import UuidV7Factory
@@ -70,19 +70,11 @@ class TaskManager:
             deadline=now + spec.timeout_s,
         )
         started = self._dispatcher.start_at_submit(task, now)
-        # Shielded like every write (see ChangeRecorder): a Submit whose caller went away
-        # mid-commit still publishes its task and hands it to the dispatcher.
         creation = asyncio.ensure_future(self._store.create(started or task))
-        try:
-            stored, created = await asyncio.shield(creation)
-        except asyncio.CancelledError:
-            stored, created = await self._settle(creation, task, started)
-            raise
-        except StoreError:
-            if started is not None:
-                self._dispatcher.release(started)
-            raise
-        self._announce(stored, created, task, started)
+        # Settled from the write itself, like every change (see ChangeRecorder): a Submit
+        # whose caller went away mid-commit still publishes its task and hands it over.
+        creation.add_done_callback(functools.partial(self._settle, task, started))
+        stored, created = await asyncio.shield(creation)
         if not created:
             if stored.spec != spec:
                 raise AlreadyExistsError(
@@ -92,23 +84,16 @@ class TaskManager:
             return stored, False
         return stored, True
 
-    async def _settle(
-        self, creation: asyncio.Future[tuple[Task, bool]], task: Task, started: Task | None
-    ) -> tuple[Task, bool]:
-        try:
-            stored, created = await creation
-        except StoreError:
-            if started is not None:
-                self._dispatcher.release(started)
-            raise
-        self._announce(stored, created, task, started)
-        return stored, created
-
-    def _announce(self, stored: Task, created: bool, task: Task, started: Task | None) -> None:
-        if not created:  # an idempotent replay: the slot reserved for it is not needed
+    def _settle(
+        self, task: Task, started: Task | None, creation: asyncio.Future[tuple[Task, bool]]
+    ) -> None:
+        failed = creation.cancelled() or creation.exception() is not None
+        if failed or not creation.result()[1]:
+            # Not stored, or an idempotent replay: the slot reserved for it is not needed.
             if started is not None:
                 self._dispatcher.release(started)
             return
+        stored = creation.result()[0]
         # A task started at submit was stored RUNNING; its QUEUED moment is published too,
         # so every watcher sees the same states whichever way it went.
         if started is not None:

@@ -174,15 +174,6 @@ def output_to_pb(output: TaskOutput) -> pb.TaskOutput:
     return pb.TaskOutput(custom=_struct(output.data))
 
 
-def output_from_pb(message: pb.TaskOutput) -> TaskOutput:
-    which = message.WhichOneof("result")
-    if which == "chat":
-        return ChatOutput(message.chat.text, message.chat.finish_reason)
-    if which == "embed":
-        return EmbedOutput(tuple(tuple(e.values) for e in message.embed.embeddings))
-    return CustomOutput(json_format.MessageToDict(message.custom))
-
-
 def error_to_pb(error: TaskError) -> pb.TaskError:
     return pb.TaskError(code=error.code, message=error.message, retryable=error.retryable)
 

@@ -43,9 +43,9 @@ def _unary(
     async def wrapper(self: Any, request: Req, context: Context) -> Resp:
         try:
             return await handler(self, request, context)
-        except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status in _abort
             await _abort(context, exc)
 
     return wrapper

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from server.backends.base import Backend, BackendError, BackendEvent, Completed, OutputChunk
 from server.clock import Clock
-from server.events.hub import EventHub, EventKind, TaskEvent
+from server.events.hub import EventKind, TaskEvent
 from server.events.recorder import ChangeRecorder
 from server.model import states
 from server.model.errors import StoreError
@@ -71,7 +71,6 @@ class Dispatcher:
     def __init__(
         self,
         store: TaskStore,
-        hub: EventHub,
         recorder: ChangeRecorder,
         ring: HashRing,
         backends: Mapping[str, Backend],
@@ -80,7 +79,6 @@ class Dispatcher:
         rng: random.Random | None = None,
     ) -> None:
         self._store = store
-        self._hub = hub
         self._recorder = recorder
         self._ring = ring
         self._backends = dict(backends)
@@ -184,7 +182,7 @@ class Dispatcher:
         if free <= 0:
             return False
         now = self._clock.now()
-        plans: list[tuple[Task, Task, str]] = []
+        plans: list[tuple[Task, Task]] = []  # (as read, as started)
         # Only types some backend has room for: tasks waiting for a full backend must not
         # hide the ready tasks of other types behind them.
         runnable = frozenset().union(
@@ -203,20 +201,19 @@ class Dispatcher:
                 left_waiting += 1
                 continue
             self._busy[backend] += 1  # reserved now so the next task sees it
-            plans.append((task, states.start(task, backend, now), backend))
-        # One group commit for the whole batch.
+            plans.append((task, states.start(task, backend, now)))
+        # Sent together: one group commit for the whole batch.
         started_any = False
         results = await asyncio.gather(
-            *(self._store.update(new, old.sequence) for old, new, _ in plans),
+            *(self._recorder.record([_state(new)], old.sequence) for old, new in plans),
             return_exceptions=True,
         )
-        for (_, started, backend), ok in zip(plans, results, strict=True):
+        for (_, started), ok in zip(plans, results, strict=True):
             if ok is not True:  # cancelled or changed since we read it, or the write failed
                 if isinstance(ok, BaseException):
                     _log.error("could not claim task %s: %s", started.id, ok)
-                self._busy[backend] -= 1
+                self._busy[started.backend] -= 1
                 continue
-            self._hub.publish(TaskEvent(EventKind.STATE, started))
             self._launch(started)
             started_any = True
         self._queue_drained = len(candidates) < free and not left_waiting
@@ -342,17 +339,19 @@ class Dispatcher:
         events = [_output(attempt.task, text)] if text else []
         before = events[-1].task if events else attempt.task
         result = states.succeed(before, completed.output, completed.usage, self._clock.now())
-        await self._save_attempt(attempt, [*events, TaskEvent(EventKind.STATE, result)])
+        await self._save_attempt(attempt, [*events, _state(result)])
         self._count(result)
 
     async def _finish(self, attempt: _Attempt, result: Task) -> None:
         """Stores how the attempt ended. A store failure here is retried while the attempt
         keeps its slot: giving up would leave the task RUNNING until the next restart."""
-        for delay_s in FINAL_WRITE_RETRIES_S:
+        for delay_s in (*FINAL_WRITE_RETRIES_S, None):
             try:
-                await self._save_attempt(attempt, [TaskEvent(EventKind.STATE, result)])
+                await self._save_attempt(attempt, [_state(result)])
                 break
             except StoreError as exc:
+                if delay_s is None:
+                    raise
                 _log.warning(
                     "task %s: could not store %s (%s); retrying",
                     attempt.task.id,
@@ -360,8 +359,6 @@ class Dispatcher:
                     exc,
                 )
                 await asyncio.sleep(delay_s)
-        else:
-            await self._save_attempt(attempt, [TaskEvent(EventKind.STATE, result)])
         self._count(result)
 
     def _count(self, result: Task) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 
@@ -12,39 +13,39 @@ from .hub import EventHub, TaskEvent
 
 _log = logging.getLogger(__name__)
 
+OnSaved = Callable[[TaskEvent], None]
+
 
 class ChangeRecorder:
     def __init__(self, store: TaskStore, hub: EventHub) -> None:
         self._store = store
         self._hub = hub
 
-    async def record(
+    def record(
         self,
         events: list[TaskEvent],
         expected_sequence: int,
-        on_saved: Callable[[TaskEvent], None] | None = None,
-    ) -> bool:
+        on_saved: OnSaved | None = None,
+    ) -> asyncio.Future[bool]:
         """Stores the task of the last event if nobody changed it since `expected_sequence`,
         then publishes `events` in order (several when one write carries several changes).
-        False (nothing published) when another writer got there first.
+        Resolves to False (nothing published) when another writer got there first.
 
-        Shielded: once a write is sent it is also published (and `on_saved` told), even if
-        the caller is cancelled meanwhile; a committed but unpublished change would leave
-        watchers waiting and readers of the hub's cache seeing an old state.
+        Publishing (and `on_saved`) hangs on the write itself, not on the caller: a caller
+        cancelled mid-write cannot leave a committed change unpublished, which would keep
+        watchers waiting and the hub's cache stale. The callback runs before the caller
+        resumes, so the caller sees the change already published.
         """
         write = asyncio.ensure_future(self._store.update(events[-1].task, expected_sequence))
-        try:
-            ok = await asyncio.shield(write)
-        except asyncio.CancelledError:
-            self._publish(await write, events, on_saved)
-            raise
-        self._publish(ok, events, on_saved)
-        return ok
+        write.add_done_callback(functools.partial(self._publish, events, on_saved))
+        return asyncio.shield(write)
 
     def _publish(
-        self, ok: bool, events: list[TaskEvent], on_saved: Callable[[TaskEvent], None] | None
+        self, events: list[TaskEvent], on_saved: OnSaved | None, write: asyncio.Future[bool]
     ) -> None:
-        if not ok:
+        if write.cancelled() or write.exception() is not None:
+            return  # the caller (if still there) gets the error through the shield
+        if not write.result():
             task = events[-1].task
             _log.info("task %s changed concurrently; dropped %s", task.id, task.state.value)
             return
