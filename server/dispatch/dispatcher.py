@@ -171,6 +171,10 @@ class Dispatcher:
 
     def _launch(self, task: Task) -> None:
         attempt = _Attempt(task, task.backend)
+        if self._stopping:
+            # Stored RUNNING by a Submit that was committing as shutdown began: hand it
+            # straight back to the queue rather than run it unsupervised.
+            attempt.stop_reason = StopReason.SHUTDOWN
         attempt.runner = asyncio.create_task(self._run(attempt), name=f"attempt:{task.id}")
         self._running[task.id] = attempt
         self.started += 1
@@ -427,8 +431,8 @@ class Dispatcher:
                 waiter.cancel()
         for attempt in list(self._running.values()):
             self._stop(attempt, StopReason.SHUTDOWN)
-        for attempt in attempts:
-            await attempt.done.wait()
+        while self._running:  # including any launched while we waited
+            await next(iter(self._running.values())).done.wait()
 
     def statistics(self) -> dict[str, object]:
         return {
