@@ -28,11 +28,27 @@ BackendEvent = OutputChunk | Completed
 
 
 class BackendError(Exception):
-    """An attempt failed. `retryable` says whether another attempt (elsewhere) may succeed."""
+    """An attempt failed. `retryable` says whether another attempt (elsewhere) may succeed.
 
-    def __init__(self, code: str, message: str, *, retryable: bool) -> None:
+    `backend_fault` says whether the failure is the backend's own (5xx, overload, timeout,
+    connection refused, bad credentials): only those count towards its circuit breaker. A
+    client's invalid request is not, or a few oversized prompts would open every circuit.
+    `retry_after_s` is set when the backend asked for a pause (HTTP 429 Retry-After): the
+    router gives it no work until then, without counting a failure."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        retryable: bool,
+        backend_fault: bool = False,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.error = TaskError(code, message, retryable)
+        self.backend_fault = backend_fault
+        self.retry_after_s = retry_after_s
 
 
 class Backend(Protocol):
