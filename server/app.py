@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Mapping
 from types import TracebackType
 
@@ -14,7 +15,7 @@ from grpc_health.v1 import health
 from .api.server import LIVENESS_SERVICE, NOT_SERVING, READINESS_SERVICE, SERVING, build_server
 from .api.servicer import TaskServicer
 from .backends.base import Backend
-from .backends.local import LocalBackend, LocalModelSettings, builtin_handlers
+from .backends.factory import build_backend, close_backend, default_backends, local_handlers
 from .clock import Clock, SystemClock
 from .config import Settings
 from .dispatch.dispatcher import Dispatcher, DispatchSettings
@@ -28,12 +29,12 @@ from .tasks import TaskManager
 _log = logging.getLogger(__name__)
 
 
-def local_backends(settings: Settings) -> dict[str, Backend]:
-    handlers = builtin_handlers(LocalModelSettings(token_delay_s=settings.local.token_delay_s))
-    return {
-        f"local-{i}": LocalBackend(f"local-{i}", handlers, settings.local.max_concurrency)
-        for i in range(1, settings.local.count + 1)
-    }
+def configured_backends(settings: Settings, environ: Mapping[str, str]) -> dict[str, Backend]:
+    """The ring members of the configuration file, or the default local executors."""
+    if not settings.file.backends:
+        return default_backends(settings.local)
+    handlers = local_handlers(settings.local)
+    return {spec.name: build_backend(spec, handlers, environ) for spec in settings.file.backends}
 
 
 class App:
@@ -48,7 +49,9 @@ class App:
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
-        self.backends = dict(backends) if backends is not None else local_backends(settings)
+        self.backends = (
+            dict(backends) if backends is not None else configured_backends(settings, os.environ)
+        )
         self.store = SqliteTaskStore(settings.store.sqlite_path, settings.store.sqlite_synchronous)
         self.hub = EventHub()
         recorder = ChangeRecorder(self.store, self.hub)
@@ -124,6 +127,8 @@ class App:
         self.hub.close()
         await self.server.stop(grace)
         await self.store.close()
+        for backend in self.backends.values():
+            await close_backend(backend)
 
     async def __aenter__(self) -> App:
         await self.start()

@@ -15,13 +15,23 @@ variable and raises one ConfigError that names each bad variable and value.
     TASKRING_MAX_TIMEOUT_S          longest timeout a task may ask     86400
     TASKRING_DEFAULT_MAX_ATTEMPTS   attempts of a task that sets none  3
     TASKRING_LOG_LEVEL              DEBUG | INFO | WARNING | ERROR     INFO
+    TASKRING_CONFIG                 TOML file: ring members, routing,  (none)
+                                    prices, custom task types (server/config_file.py)
+
+The executor process (`taskring-executor`) reads TASKRING_LOCAL_TOKEN_DELAY_S,
+TASKRING_SHUTDOWN_GRACE_S, TASKRING_LOG_LEVEL, TASKRING_CONFIG (for its task types) and:
+
+    TASKRING_EXECUTOR_LISTEN        host:port to serve on             127.0.0.1:50061
+    TASKRING_EXECUTOR_MAX_CONCURRENCY  attempts it runs at once        64
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
+
+from .config_file import FileConfig, read_file_config
 
 T = TypeVar("T")
 
@@ -76,6 +86,8 @@ class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     local: LocalExecutorSettings = field(default_factory=LocalExecutorSettings)
     tasks: TaskLimits = field(default_factory=TaskLimits)
+    # From TASKRING_CONFIG; without it, the ring is TASKRING_LOCAL_EXECUTORS local members.
+    file: FileConfig = field(default_factory=FileConfig)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -105,6 +117,11 @@ class Settings:
                 default_max_attempts=reader.get("TASKRING_DEFAULT_MAX_ATTEMPTS", 3, _positive_int),
             ),
         )
+        config_path = env.get("TASKRING_CONFIG", "")
+        if config_path:
+            file, problems = read_file_config(config_path)
+            reader.problems.extend(problems)
+            settings = replace(settings, file=file)
         if settings.tasks.default_max_attempts > settings.tasks.max_attempts:
             reader.problems.append(
                 f"TASKRING_DEFAULT_MAX_ATTEMPTS must not exceed {settings.tasks.max_attempts}"
@@ -113,6 +130,37 @@ class Settings:
             reader.problems.append(
                 "TASKRING_DEFAULT_TIMEOUT_S must not exceed TASKRING_MAX_TIMEOUT_S"
             )
+        if reader.problems:
+            raise ConfigError(reader.problems)
+        return settings
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorSettings:
+    """A standalone executor process: serves ExecutorService to routers."""
+
+    listen: str = "127.0.0.1:50061"
+    max_concurrency: int = 64
+    token_delay_s: float = 0.02
+    shutdown_grace_s: float = 10.0
+    log_level: str = "INFO"
+    file: FileConfig = field(default_factory=FileConfig)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ExecutorSettings:
+        reader = _Reader(env)
+        settings = cls(
+            listen=reader.get("TASKRING_EXECUTOR_LISTEN", "127.0.0.1:50061", _host_port),
+            max_concurrency=reader.get("TASKRING_EXECUTOR_MAX_CONCURRENCY", 64, _positive_int),
+            token_delay_s=reader.get("TASKRING_LOCAL_TOKEN_DELAY_S", 0.02, _non_negative),
+            shutdown_grace_s=reader.get("TASKRING_SHUTDOWN_GRACE_S", 10.0, _non_negative),
+            log_level=reader.get("TASKRING_LOG_LEVEL", "INFO", _one_of(LOG_LEVELS)),
+        )
+        config_path = env.get("TASKRING_CONFIG", "")
+        if config_path:
+            file, problems = read_file_config(config_path)
+            reader.problems.extend(problems)
+            settings = replace(settings, file=file)
         if reader.problems:
             raise ConfigError(reader.problems)
         return settings

@@ -181,10 +181,26 @@ def spawn_server(db: Path, **env: str) -> ServerProcess:
         "TASKRING_LOCAL_TOKEN_DELAY_S": "0",
         **env,
     }
+    return _spawn("server", full_env)
+
+
+def spawn_executor(listen: str = "127.0.0.1:0", **env: str) -> ServerProcess:
+    """`python -m server.executor` (zero token delay unless given); waits until it listens."""
+    full_env = {
+        **os.environ,
+        "TASKRING_EXECUTOR_LISTEN": listen,
+        "TASKRING_LOCAL_TOKEN_DELAY_S": "0",
+        "TASKRING_SHUTDOWN_GRACE_S": "1",
+        **env,
+    }
+    return _spawn("server.executor", full_env)
+
+
+def _spawn(module: str, env: dict[str, str]) -> ServerProcess:
     process = subprocess.Popen(
-        [sys.executable, "-m", "server"],
+        [sys.executable, "-m", module],
         cwd=ROOT,
-        env=full_env,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -195,8 +211,8 @@ def spawn_server(db: Path, **env: str) -> ServerProcess:
         process.kill()
         process.wait()
         process.stdout.close()
-        raise RuntimeError(f"server did not start: {line!r}")
-    return ServerProcess(process, line.rsplit(" ", 1)[-1].strip(), full_env)
+        raise RuntimeError(f"{module} did not start: {line!r}")
+    return ServerProcess(process, line.rsplit(" ", 1)[-1].strip(), env)
 
 
 @pytest.fixture

@@ -162,6 +162,37 @@ def task_to_pb(task: Task, *, with_spec: bool = True) -> pb.Task:
     )
 
 
+def task_from_pb(message: pb.Task) -> Task:
+    """A task as a router sends it to a remote executor (ExecuteRequest.task)."""
+    if message.state not in STATE_FROM_PB:
+        raise InvalidArgumentError.single("task.state", f"unknown task state {message.state}")
+    return Task(
+        id=message.id,
+        client_id=message.client_id,
+        spec=spec_from_pb(message.spec),
+        state=STATE_FROM_PB[message.state],
+        created_at=_seconds(message.create_time),
+        deadline=_seconds(message.deadline),
+        sequence=message.sequence,
+        attempt=message.attempt,
+        backend=message.backend,
+        started_at=_seconds(message.start_time) if message.HasField("start_time") else None,
+    )
+
+
+def output_from_pb(message: pb.TaskOutput) -> TaskOutput:
+    which = message.WhichOneof("result")
+    if which == "chat":
+        return ChatOutput(message.chat.text, message.chat.finish_reason)
+    if which == "embed":
+        return EmbedOutput(tuple(tuple(e.values) for e in message.embed.embeddings))
+    return CustomOutput(json_format.MessageToDict(message.custom))
+
+
+def usage_from_pb(message: pb.Usage) -> Usage:
+    return Usage(message.input_tokens, message.output_tokens, message.cost_usd)
+
+
 def output_to_pb(output: TaskOutput) -> pb.TaskOutput:
     if isinstance(output, ChatOutput):
         return pb.TaskOutput(
@@ -196,6 +227,10 @@ def states_from_pb(values: Any, field: str) -> set[TaskState]:
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     whole = int(seconds)
     return timestamp_pb2.Timestamp(seconds=whole, nanos=int((seconds - whole) * 1e9))
+
+
+def _seconds(value: timestamp_pb2.Timestamp) -> float:
+    return value.seconds + value.nanos / 1e9
 
 
 def _struct(data: Mapping[str, Any]) -> struct_pb2.Struct:

@@ -22,22 +22,25 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from client._proto.taskring.v1 import tasks_pb2 as taskring_dot_v1_dot_tasks__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ataskring/v1/executor.proto\x12\x0btaskring.v1\x1a\x17taskring/v1/tasks.proto\"1\n\x0e\x45xecuteRequest\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.taskring.v1.Task\"[\n\rExecuteResult\x12\'\n\x06output\x18\x01 \x01(\x0b\x32\x17.taskring.v1.TaskOutput\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.taskring.v1.Usage\"\xa3\x01\n\x0f\x45xecuteResponse\x12\x30\n\x0coutput_delta\x18\x01 \x01(\x0b\x32\x18.taskring.v1.OutputDeltaH\x00\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1a.taskring.v1.ExecuteResultH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.taskring.v1.TaskErrorH\x00\x42\x07\n\x05\x65vent2Y\n\x0f\x45xecutorService\x12\x46\n\x07\x45xecute\x12\x1b.taskring.v1.ExecuteRequest\x1a\x1c.taskring.v1.ExecuteResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ataskring/v1/executor.proto\x12\x0btaskring.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x17taskring/v1/tasks.proto\"1\n\x0e\x45xecuteRequest\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.taskring.v1.Task\"[\n\rExecuteResult\x12\'\n\x06output\x18\x01 \x01(\x0b\x32\x17.taskring.v1.TaskOutput\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.taskring.v1.Usage\"|\n\x0c\x45xecuteError\x12%\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x16.taskring.v1.TaskError\x12\x15\n\rbackend_fault\x18\x02 \x01(\x08\x12.\n\x0bretry_after\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xa6\x01\n\x0f\x45xecuteResponse\x12\x30\n\x0coutput_delta\x18\x01 \x01(\x0b\x32\x18.taskring.v1.OutputDeltaH\x00\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1a.taskring.v1.ExecuteResultH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.taskring.v1.ExecuteErrorH\x00\x42\x07\n\x05\x65vent2Y\n\x0f\x45xecutorService\x12\x46\n\x07\x45xecute\x12\x1b.taskring.v1.ExecuteRequest\x1a\x1c.taskring.v1.ExecuteResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'taskring.v1.executor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXECUTEREQUEST']._serialized_start=68
-  _globals['_EXECUTEREQUEST']._serialized_end=117
-  _globals['_EXECUTERESULT']._serialized_start=119
-  _globals['_EXECUTERESULT']._serialized_end=210
-  _globals['_EXECUTERESPONSE']._serialized_start=213
-  _globals['_EXECUTERESPONSE']._serialized_end=376
-  _globals['_EXECUTORSERVICE']._serialized_start=378
-  _globals['_EXECUTORSERVICE']._serialized_end=467
+  _globals['_EXECUTEREQUEST']._serialized_start=100
+  _globals['_EXECUTEREQUEST']._serialized_end=149
+  _globals['_EXECUTERESULT']._serialized_start=151
+  _globals['_EXECUTERESULT']._serialized_end=242
+  _globals['_EXECUTEERROR']._serialized_start=244
+  _globals['_EXECUTEERROR']._serialized_end=368
+  _globals['_EXECUTERESPONSE']._serialized_start=371
+  _globals['_EXECUTERESPONSE']._serialized_end=537
+  _globals['_EXECUTORSERVICE']._serialized_start=539
+  _globals['_EXECUTORSERVICE']._serialized_end=628
 # @@protoc_insertion_point(module_scope)

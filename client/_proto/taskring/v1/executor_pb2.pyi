@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from client._proto.taskring.v1 import tasks_pb2 as _tasks_pb2
 import builtins as _builtins
@@ -24,7 +25,7 @@ class ExecuteRequest(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def task(self) -> _tasks_pb2.Task:
-        """The task to run, with its id, spec and attempt number."""
+        """The task to run, with its id, spec, attempt number and deadline."""
 
     def __init__(
         self,
@@ -66,6 +67,40 @@ class ExecuteResult(_message.Message):
 Global___ExecuteResult: _TypeAlias = ExecuteResult  # noqa: Y015
 
 @_typing.final
+class ExecuteError(_message.Message):
+    """ExecuteError is why an attempt failed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ERROR_FIELD_NUMBER: _builtins.int
+    BACKEND_FAULT_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_FIELD_NUMBER: _builtins.int
+    backend_fault: _builtins.bool
+    """Whether the failure is the executor's own (overload, a provider's 5xx, rejected
+    credentials) rather than the task's: only those count towards its circuit breaker.
+    """
+    @_builtins.property
+    def error(self) -> _tasks_pb2.TaskError: ...
+    @_builtins.property
+    def retry_after(self) -> _duration_pb2.Duration:
+        """Set when the executor asks for a pause before it gets more work (rate limited)."""
+
+    def __init__(
+        self,
+        *,
+        error: _tasks_pb2.TaskError | None = ...,
+        backend_fault: _builtins.bool = ...,
+        retry_after: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "retry_after", b"retry_after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend_fault", b"backend_fault", "error", b"error", "retry_after", b"retry_after"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecuteError: _TypeAlias = ExecuteError  # noqa: Y015
+
+@_typing.final
 class ExecuteResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -77,13 +112,13 @@ class ExecuteResponse(_message.Message):
     @_builtins.property
     def result(self) -> Global___ExecuteResult: ...
     @_builtins.property
-    def error(self) -> _tasks_pb2.TaskError: ...
+    def error(self) -> Global___ExecuteError: ...
     def __init__(
         self,
         *,
         output_delta: _tasks_pb2.OutputDelta | None = ...,
         result: Global___ExecuteResult | None = ...,
-        error: _tasks_pb2.TaskError | None = ...,
+        error: Global___ExecuteError | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "event", b"event", "output_delta", b"output_delta", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

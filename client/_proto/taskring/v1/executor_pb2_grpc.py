@@ -27,7 +27,9 @@ if _version_not_supported:
 
 class ExecutorServiceStub:
     """ExecutorService runs tasks for a router. Executors can be written in any language and
-    join the routing ring as members.
+    join the routing ring as members. An executor also serves grpc.health.v1 for the
+    service name "taskring.v1.ExecutorService": the router sends it no work while that is
+    not SERVING.
     """
 
     def __init__(self, channel):
@@ -45,12 +47,15 @@ class ExecutorServiceStub:
 
 class ExecutorServiceServicer:
     """ExecutorService runs tasks for a router. Executors can be written in any language and
-    join the routing ring as members.
+    join the routing ring as members. An executor also serves grpc.health.v1 for the
+    service name "taskring.v1.ExecutorService": the router sends it no work while that is
+    not SERVING.
     """
 
     def Execute(self, request, context):
         """Execute runs one attempt of a task and streams its events; the last one is a result
-        or an error. Cancelling the call cancels the work.
+        or an error. Cancelling the call cancels the work. An executor that is already
+        running as many attempts as it allows answers RESOURCE_EXHAUSTED at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -74,7 +79,9 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ExecutorService:
     """ExecutorService runs tasks for a router. Executors can be written in any language and
-    join the routing ring as members.
+    join the routing ring as members. An executor also serves grpc.health.v1 for the
+    service name "taskring.v1.ExecutorService": the router sends it no work while that is
+    not SERVING.
     """
 
     @staticmethod

@@ -28,7 +28,9 @@ GRPC_VERSION: str
 
 class ExecutorServiceStub:
     """ExecutorService runs tasks for a router. Executors can be written in any language and
-    join the routing ring as members.
+    join the routing ring as members. An executor also serves grpc.health.v1 for the
+    service name "taskring.v1.ExecutorService": the router sends it no work while that is
+    not SERVING.
     """
 
     @_typing.overload
@@ -37,24 +39,30 @@ class ExecutorServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ExecutorServiceAsyncStub: ...
     Execute: _grpc.UnaryStreamMultiCallable[_executor_pb2.ExecuteRequest, _executor_pb2.ExecuteResponse]
     """Execute runs one attempt of a task and streams its events; the last one is a result
-    or an error. Cancelling the call cancels the work.
+    or an error. Cancelling the call cancels the work. An executor that is already
+    running as many attempts as it allows answers RESOURCE_EXHAUSTED at once.
     """
 
 @_typing.type_check_only
 class ExecutorServiceAsyncStub(ExecutorServiceStub):
     """ExecutorService runs tasks for a router. Executors can be written in any language and
-    join the routing ring as members.
+    join the routing ring as members. An executor also serves grpc.health.v1 for the
+    service name "taskring.v1.ExecutorService": the router sends it no work while that is
+    not SERVING.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Execute: _aio.UnaryStreamMultiCallable[_executor_pb2.ExecuteRequest, _executor_pb2.ExecuteResponse]  # type: ignore[assignment]
     """Execute runs one attempt of a task and streams its events; the last one is a result
-    or an error. Cancelling the call cancels the work.
+    or an error. Cancelling the call cancels the work. An executor that is already
+    running as many attempts as it allows answers RESOURCE_EXHAUSTED at once.
     """
 
 class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
     """ExecutorService runs tasks for a router. Executors can be written in any language and
-    join the routing ring as members.
+    join the routing ring as members. An executor also serves grpc.health.v1 for the
+    service name "taskring.v1.ExecutorService": the router sends it no work while that is
+    not SERVING.
     """
 
     @_abc_1.abstractmethod
@@ -64,7 +72,8 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_executor_pb2.ExecuteResponse], _abc.AsyncIterator[_executor_pb2.ExecuteResponse]]:
         """Execute runs one attempt of a task and streams its events; the last one is a result
-        or an error. Cancelling the call cancels the work.
+        or an error. Cancelling the call cancels the work. An executor that is already
+        running as many attempts as it allows answers RESOURCE_EXHAUSTED at once.
         """
 
 def add_ExecutorServiceServicer_to_server(servicer: ExecutorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,87 @@
+"""ExecutorApp: one executor process. Serves ExecutorService, grpc.health.v1 (for the
+router's health checks and Kubernetes probes) and reflection."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from client._proto.taskring.v1 import executor_pb2, executor_pb2_grpc
+from server.api.server import MAX_MESSAGE_BYTES
+from server.backends.local import Handler, LocalBackend, LocalModelSettings, builtin_handlers
+from server.config import ExecutorSettings
+
+from .service import ExecutorServicer
+
+EXECUTOR_SERVICE = executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class ExecutorApp:
+    """`async with ExecutorApp(settings) as app:` serves until closed."""
+
+    def __init__(
+        self, settings: ExecutorSettings, handlers: Mapping[str, Handler] | None = None
+    ) -> None:
+        """`handlers` replaces the task types from the settings (tests run their own)."""
+        self.settings = settings
+        if handlers is None:
+            handlers = builtin_handlers(LocalModelSettings(token_delay_s=settings.token_delay_s))
+        self.backend = LocalBackend("executor", handlers, settings.max_concurrency)
+        self.servicer = ExecutorServicer(self.backend)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ]
+        )
+        executor_pb2_grpc.add_ExecutorServiceServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (
+                EXECUTOR_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+        )
+        self.port = 0
+        self._stopped = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.listen.rpartition(':')[0]}:{self.port}"
+
+    async def start(self) -> None:
+        self.port = self.server.add_insecure_port(self.settings.listen)
+        await self.server.start()
+        await self.health.set("", SERVING)
+        await self.health.set(EXECUTOR_SERVICE, SERVING)
+
+    async def stop(self) -> None:
+        """Routers see NOT_SERVING at once and send no more work; attempts running get the
+        grace period, then their calls end with UNAVAILABLE and the router retries them."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.health.set(EXECUTOR_SERVICE, NOT_SERVING)
+        await self.server.stop(self.settings.shutdown_grace_s)
+
+    async def __aenter__(self) -> ExecutorApp:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
