@@ -1,0 +1,1 @@
+"""Example custom task types: plain Python handlers taskring loads by configuration."""
