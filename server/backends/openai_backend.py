@@ -1,0 +1,239 @@
+"""OpenAIBackend: a ring member that runs chat and embed tasks on an OpenAI-compatible API
+(OpenAI itself, or vLLM, Ollama, llama.cpp... through `base_url`) with the official SDK.
+
+Chat streams (`stream_options.include_usage` asks for the token counts in a last chunk), so
+the task's output grows as the model writes and a cancelled task closes the HTTP stream.
+The SDK does not retry: the router retries on another ring member, with its own backoff.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Literal, cast
+
+import httpx2
+import openai
+from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletionMessageParam
+
+from server.clock import Clock, SystemClock
+from server.model.task import (
+    CHAT,
+    EMBED,
+    ChatInput,
+    ChatOutput,
+    EmbedInput,
+    EmbedOutput,
+    Task,
+)
+
+from .base import BackendError, BackendEvent, Completed, OutputChunk
+from .providers import (
+    PriceTable,
+    ProviderErrors,
+    Redactor,
+    provider_message,
+    validate_task_types,
+)
+
+SUPPORTED_TASK_TYPES = frozenset({CHAT, EMBED})
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# OpenAI deprecated `max_tokens` for `max_completion_tokens` (its reasoning models refuse
+# the old name), while many compatible servers only know the old one.
+MaxTokensField = Literal["max_tokens", "max_completion_tokens"]
+
+# Everything the SDK (and httpx2 under it, and a malformed stream) can raise for a failed
+# call; our own bugs are not in the list and surface as INTERNAL.
+_FAILURES = (openai.APIError, httpx2.HTTPError, json.JSONDecodeError)
+
+
+class OpenAIBackend:
+    """One SDK client, and its connection pool, shared by every attempt on this member.
+
+    `timeout_s` bounds each wait (connecting, the first byte, the gap between two chunks),
+    not the whole reply: a long answer that keeps streaming is not cut; the task's own
+    deadline bounds the whole.
+
+    `max_tokens_field` names the field a task's max_tokens is sent as: "max_tokens" for
+    most compatible servers, "max_completion_tokens" for OpenAI's reasoning models.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        base_url: str | None,
+        api_key: str,
+        max_concurrency: int,
+        task_types: frozenset[str],
+        timeout_s: float,
+        prices: PriceTable,
+        max_tokens_field: MaxTokensField = "max_tokens",
+        clock: Clock | None = None,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        if not timeout_s > 0:
+            raise ValueError("timeout_s must be more than 0")
+        if not api_key:
+            raise ValueError(
+                f"backend {name}: an API key is required (servers that ignore it take any)"
+            )
+        validate_task_types("openai", task_types, SUPPORTED_TASK_TYPES)
+        self._name = name
+        self._max_concurrency = max_concurrency
+        self._task_types = task_types
+        self._timeout_s = timeout_s
+        self._prices = prices
+        self._max_tokens_field: MaxTokensField = max_tokens_field
+        self._errors = ProviderErrors(name, Redactor(api_key), clock or SystemClock())
+        # Explicit, so that OPENAI_BASE_URL in the server's environment cannot redirect
+        # requests (and the key) somewhere the configuration does not say.
+        self.base_url = base_url or DEFAULT_BASE_URL
+        self._client = openai.AsyncOpenAI(
+            api_key=api_key,
+            base_url=self.base_url,
+            timeout=timeout_s,
+            max_retries=0,
+            # One pooled connection per attempt the dispatcher may run: the SDK's default
+            # keeps only 100 alive, and a busy member would reconnect for every request.
+            http_client=openai.DefaultAsyncHttpxClient(
+                limits=httpx2.Limits(
+                    max_connections=max_concurrency, max_keepalive_connections=max_concurrency
+                ),
+            ),
+        )
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend({self._name!r}, base_url={self.base_url!r})"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def max_concurrency(self) -> int:
+        return self._max_concurrency
+
+    @property
+    def task_types(self) -> frozenset[str]:
+        return self._task_types
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def execute(self, task: Task) -> AsyncIterator[BackendEvent]:
+        spec = task.spec.input
+        if task.spec.type not in self._task_types:
+            raise BackendError(
+                "UNSUPPORTED",
+                f"backend {self._name} does not run tasks of type {task.spec.type!r}",
+                retryable=True,
+            )
+        failure: BackendError | None = None
+        try:
+            if task.spec.type == CHAT and isinstance(spec, ChatInput):
+                async for event in self._chat(spec):
+                    yield event
+            elif task.spec.type == EMBED and isinstance(spec, EmbedInput):
+                yield await self._embed(spec)
+            else:
+                kind = task.spec.type
+                raise BackendError("INVALID_INPUT", f"{kind} needs {kind} input", retryable=False)
+        except _FAILURES as exc:
+            failure = self._translate(exc)
+        # Raised outside the handler so that the SDK's exception is not chained to ours.
+        if failure is not None:
+            raise failure
+
+    async def _chat(self, spec: ChatInput) -> AsyncIterator[BackendEvent]:
+        messages = [
+            cast("ChatCompletionMessageParam", {"role": m.role, "content": m.content})
+            for m in spec.messages
+        ]
+        max_tokens = openai.omit if spec.max_tokens is None else spec.max_tokens
+        stream = await self._client.chat.completions.create(
+            model=spec.model,
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},
+            temperature=openai.omit if spec.temperature is None else spec.temperature,
+            top_p=openai.omit if spec.top_p is None else spec.top_p,
+            stop=list(spec.stop) if spec.stop else openai.omit,
+            max_tokens=max_tokens if self._max_tokens_field == "max_tokens" else openai.omit,
+            max_completion_tokens=(
+                max_tokens if self._max_tokens_field == "max_completion_tokens" else openai.omit
+            ),
+        )
+        text: list[str] = []
+        finish_reason = ""
+        answered_model = ""
+        usage: CompletionUsage | None = None
+        # Leaving this block by any way (the consumer closed us, the task was cancelled)
+        # closes the HTTP response, which tells the server to stop generating.
+        async with stream:
+            async for chunk in stream:
+                answered_model = chunk.model or answered_model
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for choice in chunk.choices[:1]:  # we never ask for n > 1
+                    delta = choice.delta.content or choice.delta.refusal
+                    if delta:
+                        text.append(delta)
+                        yield OutputChunk(delta)
+                    if choice.finish_reason:
+                        finish_reason = choice.finish_reason
+        if not finish_reason:
+            raise self._errors.incomplete()
+        yield Completed(
+            ChatOutput("".join(text), finish_reason),
+            None
+            if usage is None  # a server that ignores include_usage: unknown, not free
+            else self._prices.priced(
+                (spec.model, answered_model), usage.prompt_tokens, usage.completion_tokens
+            ),
+        )
+
+    async def _embed(self, spec: EmbedInput) -> Completed:
+        try:
+            response = await self._client.embeddings.create(
+                model=spec.model, input=list(spec.texts)
+            )
+        except ValueError as exc:  # the SDK's decoding of an empty or garbled answer
+            if isinstance(exc, json.JSONDecodeError):
+                raise
+            raise self._errors.unavailable(
+                f"the provider sent unusable embeddings: {exc}"
+            ) from None
+        data = sorted(response.data, key=lambda item: item.index)
+        if len(data) != len(spec.texts):
+            raise self._errors.unavailable(
+                f"sent {len(data)} embeddings for {len(spec.texts)} texts"
+            )
+        vectors = tuple(tuple(item.embedding) for item in data)
+        # Some compatible servers leave usage out, although the schema requires it.
+        usage = getattr(response, "usage", None)
+        tokens = usage.prompt_tokens if usage is not None else 0
+        return Completed(
+            EmbedOutput(vectors), self._prices.priced((spec.model, response.model), tokens, 0)
+        )
+
+    def _translate(self, exc: BaseException) -> BackendError:
+        """The one place where the SDK's errors become ours (see providers.py for the table)."""
+        errors = self._errors
+        if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
+            return errors.timeout(self._timeout_s)
+        if isinstance(exc, openai.APIStatusError):
+            message = provider_message(exc.body, exc.message)
+            return errors.status(exc.status_code, message, exc.response.headers)
+        if isinstance(exc, openai.APIConnectionError | httpx2.TransportError):
+            cause = exc if isinstance(exc, httpx2.TransportError) else exc.__cause__
+            return errors.connection(self.base_url, cause)
+        if isinstance(exc, openai.APIResponseValidationError | json.JSONDecodeError):
+            return errors.unavailable("the provider sent a malformed response")
+        if isinstance(exc, openai.APIError):
+            # An error event inside a stream that had started well (HTTP 200).
+            said = provider_message(exc.body, exc.message)
+            return errors.unavailable(f"error in the stream: {said}")
+        return errors.unavailable(type(exc).__name__)
