@@ -11,14 +11,20 @@ import signal
 import sys
 
 from .app import App
+from .backends.factory import BackendConfigError
 from .config import ConfigError, Settings
 from .model.errors import StoreError
+from .tasktypes import TaskTypeConfigError
 
 _log = logging.getLogger("taskring")
 
 
 async def serve(settings: Settings) -> int:
-    app = App(settings)
+    try:
+        app = App(settings)
+    except (TaskTypeConfigError, BackendConfigError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -12,29 +12,37 @@ from types import TracebackType
 
 from grpc_health.v1 import health
 
+from .api.admin import AdminServicer
 from .api.server import LIVENESS_SERVICE, NOT_SERVING, READINESS_SERVICE, SERVING, build_server
 from .api.servicer import TaskServicer
 from .backends.base import Backend
-from .backends.factory import build_backend, close_backend, default_backends, local_handlers
+from .backends.factory import build_backend, default_backends, local_handlers
+from .backends.local import Handler
 from .clock import Clock, SystemClock
 from .config import Settings
+from .dispatch.circuit import CircuitSettings
 from .dispatch.dispatcher import Dispatcher, DispatchSettings
+from .dispatch.members import Members
 from .events.hub import EventHub
 from .events.recorder import ChangeRecorder
 from .model.errors import StoreError
-from .routing.ring import HashRing, Member
 from .store.sqlite import SqliteTaskStore
 from .tasks import TaskManager
+from .tasktypes import TaskTypes
 
 _log = logging.getLogger(__name__)
 
 
-def configured_backends(settings: Settings, environ: Mapping[str, str]) -> dict[str, Backend]:
+def configured_backends(
+    settings: Settings, handlers: Mapping[str, Handler], environ: Mapping[str, str]
+) -> dict[str, Backend]:
     """The ring members of the configuration file, or the default local executors."""
     if not settings.file.backends:
-        return default_backends(settings.local)
-    handlers = local_handlers(settings.local)
-    return {spec.name: build_backend(spec, handlers, environ) for spec in settings.file.backends}
+        return default_backends(settings.local, handlers)
+    return {
+        spec.name: build_backend(spec, handlers, environ, settings.file)
+        for spec in settings.file.backends
+    }
 
 
 class App:
@@ -46,21 +54,34 @@ class App:
         backends: Mapping[str, Backend] | None = None,
         clock: Clock | None = None,
         dispatch: DispatchSettings | None = None,
+        circuit: CircuitSettings | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
+        # Raises TaskTypeConfigError naming each problem: a bad handler fails the start.
+        self.task_types = TaskTypes.from_tables(
+            settings.file.task_types, settings.file.base_dir, self.clock
+        )
+        handlers = {**local_handlers(settings.local), **self.task_types.handlers()}
         self.backends = (
-            dict(backends) if backends is not None else configured_backends(settings, os.environ)
+            dict(backends)
+            if backends is not None
+            else configured_backends(settings, handlers, os.environ)
         )
         self.store = SqliteTaskStore(settings.store.sqlite_path, settings.store.sqlite_synchronous)
         self.hub = EventHub()
         recorder = ChangeRecorder(self.store, self.hub)
-        ring = HashRing(Member(name) for name in self.backends)
+        weights = {spec.name: spec.weight for spec in settings.file.backends}
+        members = Members(
+            [(backend, weights.get(name, 1)) for name, backend in self.backends.items()],
+            load_factor=settings.file.load_factor,
+            clock=self.clock,
+            circuit=circuit or CircuitSettings(),
+        )
         self.dispatcher = Dispatcher(
             self.store,
             recorder,
-            ring,
-            self.backends,
+            members,
             self.clock,
             dispatch or DispatchSettings(),
         )
@@ -71,10 +92,15 @@ class App:
             self.dispatcher,
             self.clock,
             settings.tasks,
-            self.dispatcher.task_types,
+            lambda: self.dispatcher.task_types,
+            self.task_types,
         )
         self.health = health.aio.HealthServicer()
-        self.server = build_server(TaskServicer(self.tasks), self.health)
+        self.admin = AdminServicer(
+            members, lambda spec: build_backend(spec, handlers, os.environ, settings.file)
+        )
+        self.admin.specs.update({spec.name: spec for spec in settings.file.backends})
+        self.server = build_server(TaskServicer(self.tasks), self.health, self.admin)
         self.port = 0
         self._store_check: asyncio.Task[None] | None = None
         self._stopped = False
@@ -85,6 +111,7 @@ class App:
         self.port = self.server.add_insecure_port(self.settings.server.listen)
         await self.store.start()
         await self.dispatcher.start()
+        self.dispatcher.members.start()
         await self.server.start()
         await self.health.set(LIVENESS_SERVICE, SERVING)
         await self.health.set(READINESS_SERVICE, SERVING)
@@ -127,8 +154,8 @@ class App:
         self.hub.close()
         await self.server.stop(grace)
         await self.store.close()
-        for backend in self.backends.values():
-            await close_backend(backend)
+        await self.dispatcher.members.close()
+        await self.task_types.aclose()
 
     async def __aenter__(self) -> App:
         await self.start()

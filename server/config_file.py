@@ -150,6 +150,13 @@ def _backends(raw: object, problems: _Problems) -> tuple[BackendSpec, ...]:
     return tuple(specs)
 
 
+def read_backend_table(entry: dict[str, Any], where: str) -> tuple[BackendSpec | None, list[str]]:
+    """One [[backends]] table (as AdminService.AddBackend sends it) and its problems."""
+    problems = _Problems()
+    spec = _backend(entry, where, problems)
+    return spec, list(problems)
+
+
 def _backend(entry: dict[str, Any], where: str, problems: _Problems) -> BackendSpec | None:
     before = len(problems)
     problems.check(

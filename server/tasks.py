@@ -6,7 +6,7 @@ import asyncio
 import base64
 import binascii
 import functools
-from collections.abc import AsyncGenerator, Callable, Set
+from collections.abc import AsyncGenerator, Callable, Mapping, Set
 
 from .admission.validate import validate_spec
 from .clock import Clock
@@ -25,6 +25,7 @@ from .model.errors import (
 from .model.ids import UuidV7Factory
 from .model.task import Task, TaskSpec, TaskState
 from .store.base import ListQuery, TaskStore
+from .tasktypes import TaskType
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -39,7 +40,8 @@ class TaskManager:
         dispatcher: Dispatcher,
         clock: Clock,
         limits: TaskLimits,
-        known_types: Set[str],
+        known_types: Callable[[], Set[str]],
+        custom_types: Mapping[str, TaskType] | None = None,
         new_id: Callable[[], str] | None = None,
     ) -> None:
         self._store = store
@@ -48,7 +50,9 @@ class TaskManager:
         self._dispatcher = dispatcher
         self._clock = clock
         self._limits = limits
-        self._known_types = frozenset(known_types)
+        # A callable: members (and the types they run) change while the server runs.
+        self._known_types = known_types
+        self._custom_types = custom_types or {}
         self._new_id = new_id or UuidV7Factory()
         self._accepting = True
 
@@ -59,7 +63,7 @@ class TaskManager:
     async def submit(self, client_id: str, spec: TaskSpec) -> tuple[Task, bool]:
         if not self._accepting:
             raise UnavailableError("the server is shutting down; submit to another replica")
-        spec = validate_spec(spec, self._limits, self._known_types)
+        spec = validate_spec(spec, self._limits, self._known_types(), self._custom_types)
         now = self._clock.now()
         task = Task(
             id=self._new_id(),

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Set
+from collections.abc import Callable, Mapping, Set
 from dataclasses import replace
 
 from server.config import TaskLimits
 from server.model.errors import FieldViolation, InvalidArgumentError
 from server.model.task import CHAT, EMBED, ChatInput, CustomInput, EmbedInput, TaskSpec
+from server.tasktypes import TaskType
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_MESSAGES = 1000
@@ -20,9 +21,15 @@ MAX_LABELS = 64
 _Bad = Callable[[str, str], None]
 
 
-def validate_spec(spec: TaskSpec, limits: TaskLimits, known_types: Set[str]) -> TaskSpec:
+def validate_spec(
+    spec: TaskSpec,
+    limits: TaskLimits,
+    known_types: Set[str],
+    custom_types: Mapping[str, TaskType] | None = None,
+) -> TaskSpec:
     """Returns `spec` with server defaults applied, or raises InvalidArgumentError listing
-    every problem. Field names are those of the protobuf request (`task.chat.messages[0]`)."""
+    every problem. Field names are those of the protobuf request (`task.chat.messages[0]`).
+    A custom type's input must also match its input schema."""
     problems: list[FieldViolation] = []
 
     def bad(field: str, description: str) -> None:
@@ -39,6 +46,8 @@ def validate_spec(spec: TaskSpec, limits: TaskLimits, known_types: Set[str]) -> 
         _check_chat(spec.input, bad)
     elif isinstance(spec.input, EmbedInput):
         _check_embed(spec.input, bad)
+    elif custom_types and spec.type in custom_types:
+        problems.extend(custom_types[spec.type].validate_input(spec.input.data))
 
     timeout_s = spec.timeout_s or limits.default_timeout_s
     max_attempts = spec.max_attempts or limits.default_max_attempts

@@ -152,10 +152,10 @@ def task_to_pb(task: Task, *, with_spec: bool = True) -> pb.Task:
         attempt=task.attempt,
         backend=task.backend,
         sequence=task.sequence,
-        create_time=_timestamp(task.created_at),
-        deadline=_timestamp(task.deadline),
-        start_time=None if task.started_at is None else _timestamp(task.started_at),
-        end_time=None if task.ended_at is None else _timestamp(task.ended_at),
+        create_time=timestamp_to_pb(task.created_at),
+        deadline=timestamp_to_pb(task.deadline),
+        start_time=None if task.started_at is None else timestamp_to_pb(task.started_at),
+        end_time=None if task.ended_at is None else timestamp_to_pb(task.ended_at),
         output=None if task.output is None else output_to_pb(task.output),
         error=None if task.error is None else error_to_pb(task.error),
         usage=None if task.usage is None else usage_to_pb(task.usage),
@@ -224,7 +224,7 @@ def states_from_pb(values: Any, field: str) -> set[TaskState]:
     return result
 
 
-def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+def timestamp_to_pb(seconds: float) -> timestamp_pb2.Timestamp:
     whole = int(seconds)
     return timestamp_pb2.Timestamp(seconds=whole, nanos=int((seconds - whole) * 1e9))
 

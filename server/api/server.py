@@ -1,4 +1,5 @@
-"""Builds the grpc.aio server: TaskService, health (liveness and readiness) and reflection."""
+"""Builds the grpc.aio server: TaskService, AdminService, health (liveness and readiness)
+and reflection."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from client._proto.taskring.v1 import tasks_pb2, tasks_pb2_grpc
+from client._proto.taskring.v1 import admin_pb2, admin_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
+from .admin import AdminServicer
 from .servicer import TaskServicer
 
 # Readiness probes ask for this name; liveness asks for "" (the whole process).
@@ -22,8 +24,11 @@ from google.rpc import error_details_pb2  # noqa: E402, F401
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+
+
 def build_server(
-    servicer: TaskServicer, health_servicer: health.aio.HealthServicer
+    servicer: TaskServicer, health_servicer: health.aio.HealthServicer, admin: AdminServicer
 ) -> grpc.aio.Server:
     server = grpc.aio.server(
         options=[
@@ -36,9 +41,11 @@ def build_server(
     )
     tasks_pb2_grpc.add_TaskServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
     reflection.enable_server_reflection(
         (
             READINESS_SERVICE,
+            ADMIN_SERVICE,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

@@ -12,7 +12,7 @@ import contextlib
 import enum
 import logging
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from server.backends.base import Backend, BackendError, BackendEvent, Completed, OutputChunk
@@ -22,10 +22,9 @@ from server.events.recorder import ChangeRecorder
 from server.model import states
 from server.model.errors import StoreError
 from server.model.task import Task, TaskError, TaskState
-from server.routing.keys import routing_key
-from server.routing.ring import HashRing
 from server.store.base import TaskStore
 
+from .members import Members
 from .retry import RetryPolicy
 
 _log = logging.getLogger(__name__)
@@ -72,21 +71,18 @@ class Dispatcher:
         self,
         store: TaskStore,
         recorder: ChangeRecorder,
-        ring: HashRing,
-        backends: Mapping[str, Backend],
+        members: Members,
         clock: Clock,
         settings: DispatchSettings,
         rng: random.Random | None = None,
     ) -> None:
         self._store = store
         self._recorder = recorder
-        self._ring = ring
-        self._backends = dict(backends)
+        self.members = members
+        members.on_available = self.wake
         self._clock = clock
         self._settings = settings
         self._rng = rng or random.Random()
-        self._capacity = sum(b.max_concurrency for b in self._backends.values())
-        self._busy: dict[str, int] = dict.fromkeys(self._backends, 0)
         # Attempts running in this process, by task id; only the event loop thread touches it.
         self._running: dict[str, _Attempt] = {}
         # True while the last look at the store left no ready task of a type some member
@@ -101,7 +97,12 @@ class Dispatcher:
 
     @property
     def task_types(self) -> frozenset[str]:
-        return frozenset().union(*(b.task_types for b in self._backends.values()))
+        return self.members.task_types
+
+    def wake(self) -> None:
+        """Looks at the queue again now: a member may have become able to take work."""
+        self._queue_drained = False
+        self._wakeup.set()
 
     async def start(self) -> None:
         """Re-queues tasks left RUNNING by a previous process, then starts claiming."""
@@ -142,7 +143,7 @@ class Dispatcher:
                 await asyncio.wait_for(self._wakeup.wait(), self._settings.poll_interval_s)
 
     def _free_slots(self) -> int:
-        return self._capacity - sum(self._busy.values())
+        return self.members.free_slots()
 
     def start_at_submit(self, task: Task, now: float) -> Task | None:
         """`task` already RUNNING on a member with room, with the slot reserved, when
@@ -150,11 +151,10 @@ class Dispatcher:
         the result, then calls `submitted` (or `release` if the write failed)."""
         if self._stopping or not self._queue_drained:
             return None
-        backend = self._route(task)
+        backend = self.members.acquire(task)
         if backend is None:
             self._queue_drained = False  # it will wait: later arrivals queue behind it
             return None
-        self._busy[backend] += 1
         return states.start(task, backend, now)
 
     def submitted(self, task: Task) -> None:
@@ -167,7 +167,7 @@ class Dispatcher:
 
     def release(self, task: Task) -> None:
         """Gives back the slot `start_at_submit` reserved: the task was not stored."""
-        self._busy[task.backend] -= 1
+        self.members.release(task.backend)
 
     def _launch(self, task: Task) -> None:
         attempt = _Attempt(task, task.backend)
@@ -189,9 +189,7 @@ class Dispatcher:
         plans: list[tuple[Task, Task]] = []  # (as read, as started)
         # Only types some backend has room for: tasks waiting for a full backend must not
         # hide the ready tasks of other types behind them.
-        runnable = frozenset().union(
-            *(b.task_types for n, b in self._backends.items() if self._busy[n] < b.max_concurrency)
-        )
+        runnable = self.members.types_with_room()
         candidates = await self._store.queued(free, now, runnable)
         left_waiting = 0
         for task in candidates:
@@ -200,11 +198,10 @@ class Dispatcher:
             if task.deadline <= now:
                 await self._fail_deadline(task)
                 continue
-            backend = self._route(task)
+            backend = self.members.acquire(task)  # reserved now so the next task sees it
             if backend is None:
                 left_waiting += 1
                 continue
-            self._busy[backend] += 1  # reserved now so the next task sees it
             plans.append((task, states.start(task, backend, now)))
         # Sent together: one group commit for the whole batch.
         started_any = False
@@ -216,7 +213,7 @@ class Dispatcher:
             if ok is not True:  # cancelled or changed since we read it, or the write failed
                 if isinstance(ok, BaseException):
                     _log.error("could not claim task %s: %s", started.id, ok)
-                self._busy[started.backend] -= 1
+                self.members.release(started.backend)
                 continue
             self._launch(started)
             started_any = True
@@ -224,23 +221,6 @@ class Dispatcher:
         # Only worth looking again at once if this round made progress: unroutable tasks
         # (their backends full) would otherwise be re-read in a tight loop.
         return started_any and len(candidates) == free
-
-    def _route(self, task: Task) -> str | None:
-        """Walks the ring clockwise from the task's key: attempt n starts at the n-th distinct
-        member (a retry goes to the owner's successor, not back to the member that just
-        failed), then takes the first member that serves the type and has a free slot."""
-        walk = [
-            name
-            for name in self._ring.walk(routing_key(task))
-            if task.spec.type in self._backends[name].task_types
-        ]
-        if not walk:
-            return None
-        start = task.attempt % len(walk)
-        for name in walk[start:] + walk[:start]:
-            if self._busy[name] < self._backends[name].max_concurrency:
-                return name
-        return None
 
     async def _run(self, attempt: _Attempt) -> None:
         try:
@@ -254,7 +234,7 @@ class Dispatcher:
             # recovery re-queues it at the next start.
             _log.exception("task %s: could not store the end of its attempt", attempt.task.id)
         finally:
-            self._busy[attempt.backend] -= 1
+            self.members.release(attempt.backend)
             self._running.pop(attempt.task.id, None)
             attempt.done.set()
             self._wakeup.set()
@@ -262,7 +242,7 @@ class Dispatcher:
     async def _attempt(self, attempt: _Attempt) -> Task | None:  # noqa: PLR0911 - one per way it ends
         """Runs one attempt. Returns the change that ends it, or None when the attempt
         already stored its own ending (success)."""
-        backend = self._backends[attempt.backend]
+        backend = self.members.backends[attempt.backend]
         loop = asyncio.get_running_loop()
         deadline = asyncio.timeout_at(loop.time() + attempt.task.deadline - self._clock.now())
         try:
@@ -277,9 +257,11 @@ class Dispatcher:
             if deadline.expired():
                 return self._deadline_failure(attempt.task)
             # The backend's own timeout (an HTTP client's, say): worth another attempt.
+            self.members.failed(attempt.backend, None)
             error = TaskError("BACKEND_TIMEOUT", f"the backend timed out: {exc}", True)
             return self._after_failure(attempt.task, error)
         except BackendError as exc:
+            self.members.failed(attempt.backend, exc)
             return self._after_failure(attempt.task, exc.error)
         except asyncio.CancelledError:
             if attempt.task.is_terminal:
@@ -343,6 +325,7 @@ class Dispatcher:
         events = [_output(attempt.task, text)] if text else []
         before = events[-1].task if events else attempt.task
         result = states.succeed(before, completed.output, completed.usage, self._clock.now())
+        self.members.succeeded(attempt.backend)
         await self._save_attempt(attempt, [*events, _state(result)])
         self._count(result)
 
@@ -437,8 +420,7 @@ class Dispatcher:
     def statistics(self) -> dict[str, object]:
         return {
             "running": len(self._running),
-            "capacity": self._capacity,
-            "busy": dict(self._busy),
+            "busy": {v.status.name: v.status.load for v in self.members.views()},
             "started": self.started,
             "finished": dict(self.finished),
         }

@@ -10,6 +10,7 @@ import signal
 import sys
 
 from server.config import ConfigError, ExecutorSettings
+from server.tasktypes import TaskTypeConfigError
 
 from .app import ExecutorApp
 
@@ -17,7 +18,11 @@ _log = logging.getLogger("taskring.executor")
 
 
 async def serve(settings: ExecutorSettings) -> int:
-    app = ExecutorApp(settings)
+    try:
+        app = ExecutorApp(settings)
+    except TaskTypeConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

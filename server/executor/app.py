@@ -14,6 +14,7 @@ from client._proto.taskring.v1 import executor_pb2, executor_pb2_grpc
 from server.api.server import MAX_MESSAGE_BYTES
 from server.backends.local import Handler, LocalBackend, LocalModelSettings, builtin_handlers
 from server.config import ExecutorSettings
+from server.tasktypes import TaskTypes
 
 from .service import ExecutorServicer
 
@@ -30,8 +31,13 @@ class ExecutorApp:
     ) -> None:
         """`handlers` replaces the task types from the settings (tests run their own)."""
         self.settings = settings
+        # The same [task_types] as the router's in-process executors, loaded the same way.
+        self.task_types = TaskTypes.from_tables(settings.file.task_types, settings.file.base_dir)
         if handlers is None:
-            handlers = builtin_handlers(LocalModelSettings(token_delay_s=settings.token_delay_s))
+            handlers = {
+                **builtin_handlers(LocalModelSettings(token_delay_s=settings.token_delay_s)),
+                **self.task_types.handlers(),
+            }
         self.backend = LocalBackend("executor", handlers, settings.max_concurrency)
         self.servicer = ExecutorServicer(self.backend)
         self.health = health.aio.HealthServicer()
@@ -73,6 +79,7 @@ class ExecutorApp:
         self._stopped = True
         await self.health.set(EXECUTOR_SERVICE, NOT_SERVING)
         await self.server.stop(self.settings.shutdown_grace_s)
+        await self.task_types.aclose()
 
     async def __aenter__(self) -> ExecutorApp:
         await self.start()

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from hashlib import blake2b
 from itertools import chain, compress, repeat
-from operator import ne
+from operator import ne, sub
 
 HashFunction = Callable[[bytes], int]
 """Maps bytes to an int in [0, 2**64); hashes both point names and keys. Point hashes are
@@ -19,14 +19,27 @@ DEFAULT_VNODES_PER_WEIGHT = 2000
 takes thousands to hold max/mean load near the goals of bench/ring.py (100,000 keys):
 at 10 / 50 equal members, 160 points give 1.155 / 1.153, 1000 give 1.080 / 1.092, and
 2000 give 1.024 / 1.071 (goals 1.06 / 1.10), and weights 1:2:4 reach 1.000. A 50-member
-ring is then 100,000 points: it builds in about 0.3 s, and a 4 MB prefix table keeps
-pick() O(1)."""
+ring is then 100,000 points: it builds in about 0.4 s (walk heads take 0.15 s of it),
+and a 4 MB prefix table keeps pick() O(1), another walk_head()."""
 
 _TABLE_EXPANSION = 4
 """Prefix-table slots per point, at least. At 50 members about 1 slot in 6 is split between
 owners and needs a short scan; doubling the table saves ~5% of a pick for twice the memory."""
 
 _HASH_LIMIT = 1 << 64
+
+Head = tuple[str, ...]
+"""The first members of a walk, owner first (see walk_head)."""
+
+_HEAD_DEPTH = 3
+"""Members in a walk head. A router that skips full or unavailable members reads the head
+(as cheap as pick) and needs walk() (a bisect, a generator and a set: ~4 µs) only past it:
+under bench/ring.py's Zipf load, for 8.8% of tasks with two members, 3.8% with three, which
+makes acquire + release ~7% cheaper. A head is shared by every point with the same next
+members, so a ring holds at most n!/(n-3)! of them: 720 at 10 members, a ring of 4.7 MB
+instead of 2.8 (most of it the second prefix table, see _head_table); at 50 members,
+66,000 tuples, 25.8 MB instead of 13.4, and walk_head() costs ~1.2x pick(), as they no
+longer fit in the CPU's cache. With two, 50 members hold 2,450 heads in 21.7 MB."""
 
 
 # Reads the first 8 bytes of a digest as an unsigned big-endian int, without slicing.
@@ -101,6 +114,8 @@ class HashRing:
     __slots__ = (
         "_by_name",
         "_hash_fn",
+        "_head_table",
+        "_heads",
         "_members",
         "_owners",
         "_points",
@@ -123,6 +138,8 @@ class HashRing:
     # _owners[i] owns _points[i]; the sentinel's owner is _owners[0], so a key hashing past
     # the last point wraps to the first without a branch. Empty for an empty ring.
     _owners: list[str]
+    # _heads[i] is the head of a walk from _points[i] (see walk_head), sentinel included.
+    _heads: list[Head]
     # Prefix table, after groupcache: slot (hash >> _shift) covers a 2**_shift wide range of
     # hashes. If they all have one owner the slot holds its name; if the range is split
     # between owners it holds the index of the range's first point, and pick() scans on from
@@ -130,6 +147,10 @@ class HashRing:
     # in memory: at 50 members a bisect costs more than the hash.
     _table: list[str | int]
     _shift: int
+    # The same table with heads for names, for walk_head(). Not one table of heads for both:
+    # pick() would then read a name through a tuple, one of thousands (66,000 at 50
+    # members) scattered in memory, and at 50 members cost 18% more.
+    _head_table: list[Head | int]
 
     def __init__(
         self,
@@ -175,11 +196,15 @@ class HashRing:
         if points and (points[0] < 0 or points[-1] >= _HASH_LIMIT):
             raise ValueError("hash_fn must return ints in [0, 2**64)")
         self._owners = list(map(owner_of.__getitem__, points))
-        self._table, self._shift = _prefix_table(points, self._owners)
+        self._heads = _heads(self._owners)
+        self._table, self._head_table, self._shift = _prefix_tables(
+            points, self._owners, self._heads
+        )
         points.append(_HASH_LIMIT)
         self._points = points
         if self._owners:
             self._owners.append(self._owners[0])
+            self._heads.append(self._heads[0])
 
     @classmethod
     def _derived(
@@ -233,6 +258,33 @@ class HashRing:
         while points[entry] < hashed:
             entry += 1
         return owners[entry]
+
+    def walk_head(self, key: str | bytes) -> Head:
+        """The first members walk(key) yields: the owner of `key`, then the two after it
+        (fewer on a smaller ring).
+
+        Costs about what pick() costs: the tuple comes from a prefix table like pick()'s,
+        shared by every point with the same head, so nothing is built per call. A router
+        that takes the owner, or else the next member with room, needs walk() only past
+        the head.
+        """
+        if isinstance(key, str):
+            key = key.encode()
+        # pick(), returning the whole head; inlined, as pick() inlines default_hash.
+        hashed: int = (
+            _FIRST_U64(blake2b(key).digest())[0]
+            if self._hash_fn is default_hash
+            else self._hash_fn(key)
+        )
+        entry = self._head_table[hashed >> self._shift]
+        if isinstance(entry, tuple):
+            return entry
+        if not self._owners:
+            raise EmptyRingError("cannot walk the ring: it has no members")
+        points = self._points
+        while points[entry] < hashed:
+            entry += 1
+        return self._heads[entry]
 
     def walk(self, key: str | bytes) -> Iterator[str]:
         """The owner of `key`, then each other member once, in clockwise order.
@@ -292,10 +344,56 @@ def _member_points(name: str, start: int, stop: int, hash_fn: HashFunction) -> t
     return tuple(hash_fn(f"{name}#{i}".encode()) for i in range(start, stop))
 
 
-def _prefix_table(points: list[int], owners: list[str]) -> tuple[list[str | int], int]:
-    """The prefix table over sorted `points` (no sentinel yet): (slots, shift)."""
+def _heads(owners: list[str]) -> list[Head]:
+    """Each point's walk head: its owner, then the next _HEAD_DEPTH - 1 other owners.
+
+    With points 10 a, 30 b, 40 c, 50 a, 70 b, 90 c, point 90's head is ("c", "a", "b"),
+    wrapping. Every point of a run of one owner has the same head, so the run shares one
+    tuple, and equal heads of different runs share one too.
+    """
+    if not owners:
+        return []
+    following = owners[1:] + owners[:1]
+    # The last point of each run: the next point clockwise has another owner.
+    ends = list(compress(range(len(owners)), map(ne, owners, following)))
+    if not ends:  # one member: nobody to go to next
+        return [(owners[0],)] * len(owners)
+    # Runs in clockwise order; the run before point 0 continues at the end of the list,
+    # so run owners form a cycle in which neighbours differ, and a head is most often the
+    # owners of the next _HEAD_DEPTH runs. Reading the cycle twice over never wraps.
+    run_owners = [owners[end] for end in ends]
+    count = len(run_owners)
+    laps = run_owners + run_owners
+
+    def first_distinct(j: int) -> Head:  # when a run's owner comes back within the head
+        head = [laps[j]]
+        for k in range(j + 1, j + count):  # by index: a slice would copy the whole lap
+            if laps[k] not in head:
+                head.append(laps[k])
+                if len(head) == _HEAD_DEPTH:
+                    break
+        return tuple(head)
+
+    # Built in C-speed passes, like the prefix table: at 50 members there are 98,000 runs.
+    candidates = list(zip(*(laps[i : i + count] for i in range(_HEAD_DEPTH)), strict=True))
+    for j in compress(range(count), map(ne, map(len, map(set, candidates)), repeat(_HEAD_DEPTH))):
+        candidates[j] = first_distinct(j)
+    shared: dict[Head, Head] = {}
+    run_heads = list(map(shared.setdefault, candidates, candidates))
+    run_lengths = [ends[0] + 1, *map(sub, ends[1:], ends[:-1])]
+    heads = list(chain.from_iterable(map(repeat, run_heads, run_lengths)))
+    # Points after the last end belong to the run that wraps around to point 0.
+    heads.extend(repeat(heads[0], len(owners) - len(heads)))
+    return heads
+
+
+def _prefix_tables(
+    points: list[int], owners: list[str], heads: list[Head]
+) -> tuple[list[str | int], list[Head | int], int]:
+    """The prefix tables over sorted `points` (no sentinel yet), of owners and of heads:
+    (owner slots, head slots, shift)."""
     if not points:
-        return [0], 64  # every hash lands in slot 0, whose scan path reports the empty ring
+        return [0], [0], 64  # every hash lands in slot 0, whose scan reports the empty ring
     bits = min(64, (len(points) * _TABLE_EXPANSION - 1).bit_length())
     shift = 64 - bits
     slots = [p >> shift for p in points]
@@ -305,13 +403,18 @@ def _prefix_table(points: list[int], owners: list[str]) -> tuple[list[str | int]
     # its own first point if occupied, else the first point of the next occupied slot,
     # else (past the last point) the ring wraps to point 0. Built in C-speed runs.
     table: list[str | int] = []
+    head_table: list[Head | int] = []
     for slot, index in reversed(first.items()):  # ascending slots
-        table.extend(repeat(owners[index], slot + 1 - len(table)))
+        run = slot + 1 - len(table)
+        table.extend(repeat(owners[index], run))
+        head_table.extend(repeat(heads[index], run))
     table.extend(repeat(owners[0], (1 << bits) - len(table)))
+    head_table.extend(repeat(heads[0], (1 << bits) - len(head_table)))
     # A slot is split when one of its points is followed, clockwise, by another owner's
     # point: hashes on either side of that boundary differ. Such a slot holds the index of
-    # its first point instead, where pick() starts scanning.
+    # its first point instead, where pick() starts scanning. (Heads differ exactly where
+    # owners do, so the same slots are split in both tables.)
     following = owners[1:] + owners[:1]
     for j in compress(range(len(points)), map(ne, owners, following)):
-        table[slots[j]] = first[slots[j]]
-    return table, shift
+        table[slots[j]] = head_table[slots[j]] = first[slots[j]]
+    return table, head_table, shift
