@@ -7,11 +7,8 @@ from collections.abc import Mapping
 from server.config import LocalExecutorSettings
 from server.config_file import ANTHROPIC, LOCAL, OPENAI, REMOTE, BackendSpec, FileConfig
 
-from .anthropic_backend import AnthropicBackend
 from .base import Backend
 from .local import Handler, LocalBackend, LocalModelSettings, builtin_handlers
-from .openai_backend import OpenAIBackend
-from .providers import PriceTable, read_api_key
 from .remote import RemoteBackend
 
 
@@ -60,6 +57,12 @@ def build_backend(
             task_types=spec.task_types,
         )
     if spec.kind in (OPENAI, ANTHROPIC):
+        # Imported only when configured: the SDKs take ~1.5 s to import, which every
+        # start of the embedded default (and every test server) would otherwise pay.
+        from .anthropic_backend import AnthropicBackend
+        from .openai_backend import OpenAIBackend
+        from .providers import PriceTable
+
         api_key = _api_key(spec, environ, file)
         prices = PriceTable(file.prices)
         if spec.kind == OPENAI:
@@ -105,6 +108,8 @@ def _api_key(spec: BackendSpec, environ: Mapping[str, str], file: FileConfig) ->
         if spec.kind == OPENAI and spec.base_url:
             return NO_KEY  # a self-hosted server; give api_key_env if yours wants a key
         env_var = DEFAULT_KEY_ENV[spec.kind]
+    from .providers import read_api_key
+
     path = str(file.base_dir / key_file) if key_file else None
     try:
         return read_api_key(env_var, path, environ)
