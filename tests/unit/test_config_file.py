@@ -116,3 +116,12 @@ def test_settings_refuse_a_bad_or_missing_file(tmp_path: Path) -> None:
 
 def test_without_a_file_the_ring_is_the_local_executors() -> None:
     assert Settings.from_env({}).file.backends == ()
+
+
+def test_the_readme_example_is_a_valid_file(tmp_path: Path) -> None:
+    """The configuration users copy from the README must load as shown."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    config, problems = read_file_config(write(tmp_path, example))
+    assert problems == []
+    assert [b.kind for b in config.backends] == ["openai", "anthropic", "openai", "remote"]
