@@ -55,6 +55,7 @@ proto: setup
 bench: setup
 	$(PY) bench/ring.py
 	$(PY) bench/submit.py
+	$(PY) bench/routing.py
 
 clean:
 	rm -rf $(VENV) $(TOOLS) build *.egg-info
