@@ -31,7 +31,7 @@ from ._client import (
     task_of,
 )
 from ._errors import TaskringError
-from ._proto.taskring.v1 import tasks_pb2
+from ._proto.taskring.v1 import admin_pb2, tasks_pb2
 
 EXIT_SUCCEEDED = 0
 EXIT_FAILED = 1
@@ -174,6 +174,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     list_.add_argument("--all", action="store_true", help="follow every page")
     list_.add_argument("--json", action="store_true", help="print a ListResponse as JSON")
 
+    backends = commands.add_parser(
+        "backends", help="list the ring's members: load, health, circuit"
+    )
+    backends.set_defaults(run=_backends)
+    backends.add_argument("--json", action="store_true", help="print them as JSON")
+
     watch = commands.add_parser("watch", help="follow a task until it finishes")
     watch.set_defaults(run=_watch)
     watch.add_argument("task_id", metavar="ID")
@@ -285,6 +291,32 @@ def format_table(tasks: Sequence[tasks_pb2.Task]) -> str:
         task_type = task.spec.type or task.spec.WhichOneof("input") or "-"
         row = (task.id, task_type, state_name(task.state), str(task.attempt))
         rows.append((*row, task.backend or "-", created))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def format_backends(members: Sequence[admin_pb2.BackendStatus]) -> str:
+    """Members as aligned columns: name, kind, types, load/max, health, circuit, state."""
+    rows = [("NAME", "KIND", "TYPES", "LOAD", "HEALTH", "CIRCUIT", "TAKES WORK")]
+    for member in members:
+        config = member.config
+        health = admin_pb2.HealthState.Name(member.health).removeprefix("HEALTH_STATE_")
+        circuit = admin_pb2.CircuitState.Name(member.circuit).removeprefix("CIRCUIT_STATE_")
+        takes = "yes" if member.available else "draining" if member.draining else "no"
+        rows.append(
+            (
+                config.name,
+                config.kind,
+                ",".join(config.task_types),
+                f"{member.in_flight}/{config.max_concurrency}",
+                health.lower(),
+                circuit.lower(),
+                takes,
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
@@ -404,6 +436,16 @@ def _list(client: TaskringClient, args: argparse.Namespace) -> int:
     print(format_table(page.tasks))
     if page.next_page_token:
         print(f"more: taskring list --page-token {page.next_page_token}", file=sys.stderr)
+    return EXIT_SUCCEEDED
+
+
+def _backends(client: TaskringClient, args: argparse.Namespace) -> int:
+    members = client.list_backends()
+    if args.json:
+        for member in members:
+            print(json_format.MessageToJson(member, indent=None))
+        return EXIT_SUCCEEDED
+    print(format_backends(members))
     return EXIT_SUCCEEDED
 
 

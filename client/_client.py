@@ -20,7 +20,7 @@ from google.protobuf import duration_pb2, struct_pb2
 from google.protobuf.message import Message
 
 from ._errors import UnavailableError, error_from_rpc
-from ._proto.taskring.v1 import tasks_pb2, tasks_pb2_grpc
+from ._proto.taskring.v1 import admin_pb2, admin_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_CHAT_MODEL = "local-echo"
@@ -232,6 +232,9 @@ class AsyncTaskringClient:
         self._stub: tasks_pb2_grpc.TaskServiceAsyncStub = tasks_pb2_grpc.TaskServiceStub(
             self._channel
         )
+        self._admin: admin_pb2_grpc.AdminServiceAsyncStub = admin_pb2_grpc.AdminServiceStub(
+            self._channel
+        )
         self._timeout_s = timeout_s
         self._metadata = tuple(metadata) or None
         self._closed = False
@@ -298,6 +301,11 @@ class AsyncTaskringClient:
         """One page of the caller's tasks, newest first."""
         request = _list_request(states, types, page_size, page_token)
         return await self._call(self._stub.List, request)
+
+    async def list_backends(self) -> tuple[admin_pb2.BackendStatus, ...]:
+        """The ring's members with load, health and circuit state (AdminService)."""
+        response = await self._call(self._admin.ListBackends, admin_pb2.ListBackendsRequest())
+        return tuple(response.backends)
 
     async def list_all(
         self,
@@ -388,6 +396,7 @@ class TaskringClient:
         self._owns_channel = channel is None
         self._channel = grpc.insecure_channel(target) if channel is None else channel
         self._stub = tasks_pb2_grpc.TaskServiceStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
         self._timeout_s = timeout_s
         self._metadata = tuple(metadata) or None
 
@@ -448,6 +457,10 @@ class TaskringClient:
     ) -> tasks_pb2.ListResponse:
         """One page of the caller's tasks, newest first."""
         return self._call(self._stub.List, _list_request(states, types, page_size, page_token))
+
+    def list_backends(self) -> tuple[admin_pb2.BackendStatus, ...]:
+        """The ring's members with load, health and circuit state (AdminService)."""
+        return tuple(self._call(self._admin.ListBackends, admin_pb2.ListBackendsRequest()).backends)
 
     def list_all(
         self,

@@ -96,6 +96,25 @@ async def test_cli_commands_and_exit_codes(start_server: StartServer) -> None:
     code, out, err = await run_cli(server.app.address, "get", MISSING)
     assert code == 3
     assert "NOT_FOUND" in err
+    code, out, _ = await run_cli(server.app.address, "backends")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == [
+        "NAME",
+        "KIND",
+        "TYPES",
+        "LOAD",
+        "HEALTH",
+        "CIRCUIT",
+        "TAKES",
+        "WORK",
+    ]
+    assert [line.split()[:2] for line in lines[1:]] == [
+        ["local-1", "local"],
+        ["local-2", "local"],
+        ["local-3", "local"],
+    ]
+    assert all(line.split()[4:7] == ["healthy", "closed", "yes"] for line in lines[1:])
 
 
 @pytest.mark.slow
