@@ -131,6 +131,11 @@ def _load_factor(routing: object, problems: _Problems) -> float:
 _BACKEND_KEYS = frozenset(BackendSpec.__dataclass_fields__)
 
 
+# Upper bounds that keep a typo from taking the router down: a ring has 2,000 points per
+# unit of weight, built on the event loop.
+_LIMITS = {"weight": 100, "max_concurrency": 100_000, "default_max_tokens": 1_000_000}
+
+
 def _backends(raw: object, problems: _Problems) -> tuple[BackendSpec, ...]:
     if not problems.check(isinstance(raw, list), "backends", "must be an array of tables"):
         return ()
@@ -142,8 +147,10 @@ def _backends(raw: object, problems: _Problems) -> tuple[BackendSpec, ...]:
         if not problems.check(isinstance(entry, dict), where, "must be a table"):
             continue
         name = entry.get("name")
-        unique = problems.check(name not in seen, f"{where}.name", f"{name!r} used twice")
-        seen.add(name)
+        unique = not isinstance(name, str) or problems.check(
+            name not in seen, f"{where}.name", f"{name!r} used twice"
+        )
+        seen.add(str(name))
         spec = _backend(entry, where, problems)
         if spec is not None and unique:
             specs.append(spec)
@@ -185,12 +192,12 @@ def _backend(entry: dict[str, Any], where: str, problems: _Problems) -> BackendS
             f"{where}.task_types",
             f"a {kind} backend runs {sorted(PROVIDER_TYPES[str(kind)])}, not {sorted(extra)}",
         )
-    for key in ("weight", "max_concurrency", "default_max_tokens"):
+    for key, most in _LIMITS.items():
         value = entry.get(key, 1)
         problems.check(
-            isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+            isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= most,
             f"{where}.{key}",
-            "must be a whole number >= 1",
+            f"must be a whole number from 1 to {most}",
         )
     timeout = entry.get("timeout_s", 600.0)
     problems.check(

@@ -10,12 +10,14 @@ from client._proto.taskring.v1 import admin_pb2 as apb
 from client._proto.taskring.v1 import admin_pb2_grpc
 from server.api.convert import timestamp_to_pb
 from server.backends.base import Backend
+from server.backends.factory import close_backend
 from server.backends.remote import RemoteBackend
-from server.config_file import BackendSpec, read_backend_table
+from server.config_file import ANTHROPIC, OPENAI, BackendSpec, read_backend_table
 from server.dispatch.circuit import CircuitState
 from server.dispatch.members import Members, MembershipError, MemberView
 
 BuildBackend = Callable[[BackendSpec], Backend]
+KEYED_KINDS = frozenset({OPENAI, ANTHROPIC})
 
 _CIRCUIT_TO_PB = {
     CircuitState.CLOSED: apb.CIRCUIT_STATE_CLOSED,
@@ -55,6 +57,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         spec, problems = read_backend_table(table, "backend")
         if spec is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
+        if spec.kind in KEYED_KINDS:
+            # Without authentication (issue 4) anyone who reaches this port could point one
+            # of the router's API keys at an address of their choosing.
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{spec.kind} members hold API keys: add them in the configuration file "
+                "(TASKRING_CONFIG) and restart; AdminService adds local and remote members",
+            )
         if spec.name in self._members.backends:
             await context.abort(
                 grpc.StatusCode.ALREADY_EXISTS, f"a backend named {spec.name!r} is on the ring"
@@ -63,7 +73,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             backend = self._build(spec)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        self._members.add(backend, spec.weight)
+        try:
+            self._members.add(backend, spec.weight)
+        except MembershipError as exc:
+            await close_backend(backend)
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         self.specs[spec.name] = spec
         return apb.AddBackendResponse(backend=self._status(self._members.view(spec.name)))
 

@@ -150,6 +150,22 @@ def _error_from_status(name: str, exc: grpc.aio.AioRpcError) -> BackendError:
             retryable=True,
             backend_fault=True,
         )
+    if code is grpc.StatusCode.CANCELLED:
+        # Not ours (we cancel by closing the iterator, which never gets here): the executor
+        # or a proxy in front of it gave up on the call.
+        return BackendError(
+            "BACKEND_UNAVAILABLE",
+            f"executor {name} cancelled the attempt: {details}",
+            retryable=True,
+            backend_fault=True,
+        )
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return BackendError(
+            "BACKEND_AUTH_FAILED",
+            f"executor {name} refused the router's credentials: {code.name}: {details}",
+            retryable=False,
+            backend_fault=True,
+        )
     if code is grpc.StatusCode.UNIMPLEMENTED:
         # The router's configuration says it serves this type and it does not: the
         # member is misconfigured, another one may run the task.

@@ -132,6 +132,7 @@ class Dispatcher:
             try:
                 if loop.time() >= next_sweep:  # on a timer, not on every wake-up
                     next_sweep = loop.time() + self._settings.poll_interval_s
+                    self.members.tick()
                     await self._expire_overdue()
                 more = await self._claim()
             except StoreError:
@@ -233,6 +234,11 @@ class Dispatcher:
             # Even the retried final write failed: the task stays RUNNING in the store and
             # recovery re-queues it at the next start.
             _log.exception("task %s: could not store the end of its attempt", attempt.task.id)
+        except Exception:  # noqa: BLE001 - a bug here must not leave the task RUNNING unseen
+            _log.exception("task %s: the attempt ended with an internal error", attempt.task.id)
+            error = TaskError("INTERNAL", "the router failed while running the task", False)
+            with contextlib.suppress(Exception):
+                await self._finish(attempt, states.fail(attempt.task, error, self._clock.now()))
         finally:
             self.members.release(attempt.backend)
             self._running.pop(attempt.task.id, None)
@@ -254,7 +260,8 @@ class Dispatcher:
         except TimeoutError as exc:
             if attempt.task.is_terminal:
                 return None  # it finished just as the deadline struck
-            if deadline.expired():
+            # A remote call's own deadline is the task's and may fire first.
+            if deadline.expired() or self._clock.now() >= attempt.task.deadline:
                 return self._deadline_failure(attempt.task)
             # The backend's own timeout (an HTTP client's, say): worth another attempt.
             self.members.failed(attempt.backend, None)

@@ -68,7 +68,6 @@ class Members:
         # circuit half-opened, its hold ended); the dispatcher sets it to look again.
         self.on_available: Callable[[], None] = lambda: None
         self.backends: dict[str, Backend] = {}
-        self._weights: dict[str, int] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
         self._health_ok: dict[str, bool] = {}
         # Members whose half-open circuit lets one trial attempt through, now running.
@@ -79,8 +78,8 @@ class Members:
         self._leaving: dict[str, int] = {}
         self._closing: set[asyncio.Task[None]] = set()  # strong references until done
         self._started = False
-        for backend, weight in members:
-            self._track(backend, weight)
+        for backend, _ in members:
+            self._track(backend)
 
     # -- membership ------------------------------------------------------------------------
 
@@ -90,12 +89,11 @@ class Members:
         self._balancer.add(
             PoolMember(backend.name, backend.task_types, backend.max_concurrency, weight)
         )
-        self._track(backend, weight)
+        self._track(backend)
         self.on_available()
 
-    def _track(self, backend: Backend, weight: int) -> None:
+    def _track(self, backend: Backend) -> None:
         self.backends[backend.name] = backend
-        self._weights[backend.name] = weight
         self._breakers[backend.name] = CircuitBreaker(self._circuit_settings)
         self._health_ok[backend.name] = True
         if isinstance(backend, RemoteBackend):
@@ -123,22 +121,23 @@ class Members:
     async def remove(self, name: str) -> MemberView:
         """Takes a member off the ring; it is closed once its last attempt releases it."""
         view = self.view(name)
+        # Everything up to the first await happens at once: from here the name is gone for
+        # routing and operators, and releases of its running attempts count down.
         self._balancer.remove(name)
-        watcher = self._watchers.pop(name, None)
-        if watcher is not None:
-            await watcher.stop()
+        self._leaving[name] = view.status.load
         timer = self._timers.pop(name, None)
         if timer is not None:
             timer.cancel()
-        if view.status.load == 0:
+        watcher = self._watchers.pop(name, None)
+        if watcher is not None:
+            await watcher.stop()
+        if self._leaving.get(name) == 0:  # nothing was running: close it now
+            del self._leaving[name]
             await self._forget(name)
-        else:
-            self._leaving[name] = view.status.load
         return view
 
     async def _forget(self, name: str) -> None:
         backend = self.backends.pop(name)
-        self._weights.pop(name, None)
         self._breakers.pop(name, None)
         self._health_ok.pop(name, None)
         self._trials.discard(name)
@@ -183,6 +182,12 @@ class Members:
 
     def release(self, name: str) -> None:
         self._balancer.release(name)
+        if name in self._trials:
+            # The trial ended without an outcome (cancelled, deadline, shutdown): let the
+            # next attempt be the trial instead of leaving the member out for good.
+            self._trials.discard(name)
+            if name not in self._leaving:
+                self._refresh(name)
         if name in self._leaving:
             self._leaving[name] -= 1
             if self._leaving[name] == 0:
@@ -195,8 +200,8 @@ class Members:
 
     def succeeded(self, name: str) -> None:
         breaker = self._breakers.get(name)
-        if breaker is None:
-            return
+        if breaker is None or name in self._leaving:
+            return  # removed meanwhile: its outcomes no longer matter
         self._trials.discard(name)
         if breaker.success():
             _log.info("backend %s: circuit closed", name)
@@ -205,8 +210,8 @@ class Members:
     def failed(self, name: str, error: BackendError | None) -> None:
         """An attempt on `name` failed; `error` None means the backend timed out."""
         breaker = self._breakers.get(name)
-        if breaker is None:
-            return
+        if breaker is None or name in self._leaving:
+            return  # removed meanwhile: its outcomes no longer matter
         if error is not None and error.retry_after_s is not None:
             # Asked for a pause: honour it, and it is not a failure of the backend.
             until = self._clock.now() + error.retry_after_s
@@ -226,6 +231,16 @@ class Members:
             )
             self._wake_at(name, self._circuit_settings.reset_timeout_s)
         self._refresh(name)
+
+    def tick(self) -> None:
+        """Half-opens circuits whose reset timeout has passed by the clock. Timers do this
+        on time; this periodic look (the dispatcher's sweep) follows an injected clock and
+        is the safety net should a timer be lost."""
+        now = self._clock.now()
+        for name, breaker in self._breakers.items():
+            reopens_at = breaker.reopens_at
+            if reopens_at is not None and reopens_at <= now and name not in self._leaving:
+                self._refresh(name)
 
     def _health_changed(self, name: str, healthy: bool) -> None:
         if name in self._health_ok:
@@ -257,8 +272,15 @@ class Members:
 
         def wake() -> None:
             self._timers.pop(name, None)
-            if name in self._breakers:
-                self._refresh(name)
+            if name not in self._breakers or name in self._leaving:
+                return
+            # One timer per member: a hold's may have replaced an open circuit's, so look
+            # again when the circuit is due to half-open.
+            reopens_at = self._breakers[name].reopens_at
+            now = self._clock.now()
+            if reopens_at is not None and reopens_at > now:
+                self._wake_at(name, reopens_at - now)
+            self._refresh(name)
 
         self._timers[name] = asyncio.get_running_loop().call_later(delay_s, wake)
 
@@ -266,7 +288,10 @@ class Members:
 
     def view(self, name: str) -> MemberView:
         self._known(name)
-        return next(v for v in self.views() if v.status.name == name)
+        view = next((v for v in self.views() if v.status.name == name), None)
+        if view is None:
+            raise MembershipError(f"no backend named {name!r} on the ring")
+        return view
 
     def views(self, names: Iterable[str] | None = None) -> list[MemberView]:
         now = self._clock.now()
@@ -281,9 +306,7 @@ class Members:
             )
             for status in self._balancer.snapshot()
             if status.name in self.backends
+            and status.name not in self._leaving
             and status.name in self._breakers
             and (wanted is None or status.name in wanted)
         ]
-
-    def weight(self, name: str) -> int:
-        return self._weights.get(name, 1)

@@ -61,9 +61,11 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                     return
         except BackendError as exc:
             yield _error(exc)
-        except Exception as exc:  # noqa: BLE001 - a handler's bug fails its task, not the process
+        except Exception:  # noqa: BLE001 - a handler's bug fails its task, not the process
+            # The traceback stays in this executor's log; the task gets a generic message.
             _log.exception("task %s: the handler failed unexpectedly", task.id)
-            yield _error(BackendError("INTERNAL", f"executor error: {exc}", retryable=False))
+            message = "the executor failed unexpectedly; see its log"
+            yield _error(BackendError("INTERNAL", message, retryable=False))
         finally:
             self._running -= 1
 

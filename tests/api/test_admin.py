@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 
 from client._proto.taskring.v1 import admin_pb2 as apb
 from client._proto.taskring.v1 import admin_pb2_grpc
 from client._proto.taskring.v1 import tasks_pb2 as pb
-from tests.conftest import Running, StartServer, chat_spec, submit, wait_terminal
+from tests.api.test_dispatch import Gate, custom_spec
+from tests.conftest import (
+    Running,
+    StartServer,
+    chat_spec,
+    local_backends,
+    submit,
+    wait_terminal,
+)
 
 
 def admin(server: Running) -> admin_pb2_grpc.AdminServiceAsyncStub:
@@ -103,3 +113,41 @@ async def test_bad_membership_changes_say_what_is_wrong(start_server: StartServe
         )
     assert unknown_kind.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "kind" in (unknown_kind.value.details() or "")
+
+
+async def test_removing_a_member_lets_its_running_attempt_finish(
+    start_server: StartServer,
+) -> None:
+    """Its running task still succeeds (output kept); the member is gone from the list."""
+    gate = Gate()
+    server = await start_server(local_backends(extra={"gate": gate}))
+    task = await submit(server.stub, custom_spec("gate"))
+    await asyncio.wait_for(gate.started.wait(), 5)
+    running = (await server.stub.Get(pb.GetRequest(task_id=task.id))).task
+    removed = await admin(server).RemoveBackend(apb.RemoveBackendRequest(name=running.backend))
+    assert removed.backend.in_flight == 1
+    listed = (await admin(server).ListBackends(apb.ListBackendsRequest())).backends
+    assert running.backend not in [b.config.name for b in listed]
+    gate.opened.set()
+    final = await wait_terminal(server.stub, task.id)
+    assert final.state == pb.TASK_STATE_SUCCEEDED
+    assert final.backend == running.backend
+    assert final.output.custom["done"] is True
+
+
+async def test_members_holding_api_keys_are_not_added_over_the_api(
+    start_server: StartServer,
+) -> None:
+    """Unauthenticated, AddBackend must not let a caller point a key at their own host."""
+    server = await start_server()
+    for kind in ("openai", "anthropic"):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await admin(server).AddBackend(
+                apb.AddBackendRequest(
+                    backend=apb.BackendConfig(
+                        name="evil", kind=kind, base_url="http://127.0.0.1:9/v1"
+                    )
+                )
+            )
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "configuration file" in (refused.value.details() or "")

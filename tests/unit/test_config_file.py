@@ -101,7 +101,7 @@ input = -1
     assert "backends[0].address: a remote backend needs its executor's host:port" in text
     assert "backends[1].name: 'a' used twice" in text
     assert "backends[2].task_types: a anthropic backend runs ['chat'], not ['embed']" in text
-    assert "backends[2].max_concurrency: must be a whole number >= 1" in text
+    assert "backends[2].max_concurrency: must be a whole number from 1 to 100000" in text
     assert "unknown keys ['colour']" in text
     assert "prices.'m': needs input and output" in text
     assert all(p.startswith(str(path)) for p in problems)

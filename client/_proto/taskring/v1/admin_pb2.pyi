@@ -92,8 +92,8 @@ class BackendConfig(_message.Message):
     max_concurrency: _builtins.int
     """Attempts it runs at once; 0 means 32."""
     api_key_env: _builtins.str
-    """openai, anthropic: the router's environment variable that holds the API key. Keys
-    themselves never travel over this API.
+    """openai, anthropic: the router's environment variable that holds the API key (shown by
+    ListBackends). Keys themselves never travel over this API.
     """
     @_builtins.property
     def task_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:

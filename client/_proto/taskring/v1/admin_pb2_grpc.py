@@ -78,7 +78,9 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AddBackend(self, request, context):
-        """AddBackend puts a new member on the ring; about 1/n of the keys move to it.
+        """AddBackend puts a new local or remote member on the ring; about 1/n of the keys move
+        to it. Members that hold API keys (openai, anthropic) come from the configuration file
+        only (FAILED_PRECONDITION here) until the API is authenticated.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -39,7 +39,10 @@ class AdminServiceStub:
     ListBackends: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListBackendsRequest, _admin_pb2.ListBackendsResponse]
     """ListBackends shows every ring member with its load, health and circuit state."""
     AddBackend: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AddBackendRequest, _admin_pb2.AddBackendResponse]
-    """AddBackend puts a new member on the ring; about 1/n of the keys move to it."""
+    """AddBackend puts a new local or remote member on the ring; about 1/n of the keys move
+    to it. Members that hold API keys (openai, anthropic) come from the configuration file
+    only (FAILED_PRECONDITION here) until the API is authenticated.
+    """
     DrainBackend: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DrainBackendRequest, _admin_pb2.DrainBackendResponse]
     """DrainBackend stops sending new work to a member; its running attempts finish.
     Its keys move to the next members until it is resumed.
@@ -62,7 +65,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ListBackends: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListBackendsRequest, _admin_pb2.ListBackendsResponse]  # type: ignore[assignment]
     """ListBackends shows every ring member with its load, health and circuit state."""
     AddBackend: _aio.UnaryUnaryMultiCallable[_admin_pb2.AddBackendRequest, _admin_pb2.AddBackendResponse]  # type: ignore[assignment]
-    """AddBackend puts a new member on the ring; about 1/n of the keys move to it."""
+    """AddBackend puts a new local or remote member on the ring; about 1/n of the keys move
+    to it. Members that hold API keys (openai, anthropic) come from the configuration file
+    only (FAILED_PRECONDITION here) until the API is authenticated.
+    """
     DrainBackend: _aio.UnaryUnaryMultiCallable[_admin_pb2.DrainBackendRequest, _admin_pb2.DrainBackendResponse]  # type: ignore[assignment]
     """DrainBackend stops sending new work to a member; its running attempts finish.
     Its keys move to the next members until it is resumed.
@@ -94,7 +100,10 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.AddBackendRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.AddBackendResponse, _abc.Awaitable[_admin_pb2.AddBackendResponse]]:
-        """AddBackend puts a new member on the ring; about 1/n of the keys move to it."""
+        """AddBackend puts a new local or remote member on the ring; about 1/n of the keys move
+        to it. Members that hold API keys (openai, anthropic) come from the configuration file
+        only (FAILED_PRECONDITION here) until the API is authenticated.
+        """
 
     @_abc_1.abstractmethod
     def DrainBackend(
