@@ -120,6 +120,10 @@ class Dispatcher:
                     after = states.fail(task, interrupted, self._clock.now())
                 else:
                     after = states.requeue(task, interrupted, 0.0)
+                # An output delta may have been published, but not stored, just before the
+                # process died (Recorder.record_output): skip its number so that no watcher
+                # resuming after it misses this change.
+                after = after.evolve(sequence=after.sequence + 1)
                 if not await self._recorder.record([_state(after)], task.sequence):
                     raise StoreError(f"task {task.id} changed while it was being recovered")
             _log.info("recovered %d tasks left running by the previous process", len(batch))
@@ -301,7 +305,7 @@ class Dispatcher:
                     await self._complete(attempt, text, end)
                     return
                 if text:
-                    await self._save_attempt(attempt, [_output(attempt.task, text)])
+                    await self._save_output(attempt, _output(attempt.task, text))
                 if isinstance(end, BaseException):
                     raise end
                 if isinstance(end, _End):
@@ -370,6 +374,15 @@ class Dispatcher:
             attempt.task = event.task
 
         if not await self._recorder.record(events, attempt.task.sequence, saved):
+            raise _Superseded
+
+    async def _save_output(self, attempt: _Attempt, event: TaskEvent) -> None:
+        """Publishes an output delta at once and stores it before the attempt goes on."""
+
+        def saved(event: TaskEvent) -> None:
+            attempt.task = event.task
+
+        if not await self._recorder.record_output(event, attempt.task.sequence, saved):
             raise _Superseded
 
     async def _fail_deadline(self, task: Task) -> None:
