@@ -22,16 +22,14 @@ import anthropic
 import httpx2
 from anthropic.types import MessageDeltaUsage, MessageParam, Usage
 
-from server.clock import Clock, SystemClock
+from server.clock import Clock
 from server.model.task import CHAT, ChatInput, ChatOutput, Task
 
 from .base import BackendError, BackendEvent, Completed, OutputChunk
 from .providers import (
     PriceTable,
-    ProviderErrors,
-    Redactor,
+    ProviderMember,
     provider_message,
-    validate_task_types,
 )
 
 SUPPORTED_TASK_TYPES = frozenset({CHAT})
@@ -66,7 +64,7 @@ STATUS_OF_ERROR_TYPE: Mapping[str, int] = {
 _FAILURES = (anthropic.APIError, httpx2.HTTPError, json.JSONDecodeError)
 
 
-class AnthropicBackend:
+class AnthropicBackend(ProviderMember):
     """One SDK client, and its connection pool, shared by every attempt on this member.
 
     `timeout_s` bounds each wait (connecting, the first byte, the gap between two chunks),
@@ -75,6 +73,9 @@ class AnthropicBackend:
 
     `default_max_tokens` is sent when a task sets no max_tokens: Anthropic requires one.
     """
+
+    kind = "anthropic"
+    supported = SUPPORTED_TASK_TYPES
 
     def __init__(
         self,
@@ -89,65 +90,35 @@ class AnthropicBackend:
         default_max_tokens: int = 1024,
         clock: Clock | None = None,
     ) -> None:
-        if max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
-        if not timeout_s > 0:
-            raise ValueError("timeout_s must be more than 0")
         if default_max_tokens < 1:
             raise ValueError("default_max_tokens must be at least 1")
-        if not api_key:
-            raise ValueError(f"backend {name}: an API key is required")
-        validate_task_types("anthropic", task_types, SUPPORTED_TASK_TYPES)
-        self._name = name
-        self._max_concurrency = max_concurrency
-        self._task_types = task_types
-        self._timeout_s = timeout_s
-        self._prices = prices
+        super().__init__(
+            name,
+            base_url=base_url or DEFAULT_BASE_URL,
+            api_key=api_key,
+            max_concurrency=max_concurrency,
+            task_types=task_types,
+            timeout_s=timeout_s,
+            prices=prices,
+            clock=clock,
+        )
         # Anthropic requires max_tokens on every request; tasks may leave it unset.
         self._default_max_tokens = default_max_tokens
-        self._errors = ProviderErrors(name, Redactor(api_key), clock or SystemClock())
-        # Explicit, so that ANTHROPIC_BASE_URL in the server's environment cannot redirect
-        # requests (and the key) somewhere the configuration does not say.
-        self.base_url = base_url or DEFAULT_BASE_URL
         self._client = anthropic.AsyncAnthropic(
             api_key=api_key,
             base_url=self.base_url,
             timeout=timeout_s,
             max_retries=0,
-            # One pooled connection per attempt the dispatcher may run (see OpenAIBackend).
-            http_client=anthropic.DefaultAsyncHttpxClient(
-                limits=httpx2.Limits(
-                    max_connections=max_concurrency, max_keepalive_connections=max_concurrency
-                ),
-            ),
+            http_client=anthropic.DefaultAsyncHttpxClient(limits=self._connection_limits()),
         )
-
-    def __repr__(self) -> str:
-        return f"AnthropicBackend({self._name!r}, base_url={self.base_url!r})"
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def max_concurrency(self) -> int:
-        return self._max_concurrency
-
-    @property
-    def task_types(self) -> frozenset[str]:
-        return self._task_types
 
     async def aclose(self) -> None:
         await self._client.close()
 
     async def execute(self, task: Task) -> AsyncIterator[BackendEvent]:
         spec = task.spec.input
-        if task.spec.type not in self._task_types:
-            raise BackendError(
-                "UNSUPPORTED",
-                f"backend {self._name} does not run tasks of type {task.spec.type!r}",
-                retryable=True,
-            )
+        if (unsupported := self._unsupported(task)) is not None:
+            raise unsupported
         if not isinstance(spec, ChatInput):
             raise BackendError("INVALID_INPUT", "chat needs chat input", retryable=False)
         failure: BackendError | None = None

@@ -17,7 +17,7 @@ import openai
 from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletionMessageParam
 
-from server.clock import Clock, SystemClock
+from server.clock import Clock
 from server.model.task import (
     CHAT,
     EMBED,
@@ -31,10 +31,8 @@ from server.model.task import (
 from .base import BackendError, BackendEvent, Completed, OutputChunk
 from .providers import (
     PriceTable,
-    ProviderErrors,
-    Redactor,
+    ProviderMember,
     provider_message,
-    validate_task_types,
 )
 
 SUPPORTED_TASK_TYPES = frozenset({CHAT, EMBED})
@@ -48,7 +46,7 @@ MaxTokensField = Literal["max_tokens", "max_completion_tokens"]
 _FAILURES = (openai.APIError, httpx2.HTTPError, json.JSONDecodeError)
 
 
-class OpenAIBackend:
+class OpenAIBackend(ProviderMember):
     """One SDK client, and its connection pool, shared by every attempt on this member.
 
     `timeout_s` bounds each wait (connecting, the first byte, the gap between two chunks),
@@ -58,6 +56,9 @@ class OpenAIBackend:
     `max_tokens_field` names the field a task's max_tokens is sent as: "max_tokens" for
     most compatible servers, "max_completion_tokens" for OpenAI's reasoning models.
     """
+
+    kind = "openai"
+    supported = SUPPORTED_TASK_TYPES
 
     def __init__(
         self,
@@ -72,65 +73,32 @@ class OpenAIBackend:
         max_tokens_field: MaxTokensField = "max_tokens",
         clock: Clock | None = None,
     ) -> None:
-        if max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
-        if not timeout_s > 0:
-            raise ValueError("timeout_s must be more than 0")
-        if not api_key:
-            raise ValueError(
-                f"backend {name}: an API key is required (servers that ignore it take any)"
-            )
-        validate_task_types("openai", task_types, SUPPORTED_TASK_TYPES)
-        self._name = name
-        self._max_concurrency = max_concurrency
-        self._task_types = task_types
-        self._timeout_s = timeout_s
-        self._prices = prices
+        super().__init__(
+            name,
+            base_url=base_url or DEFAULT_BASE_URL,
+            api_key=api_key,
+            max_concurrency=max_concurrency,
+            task_types=task_types,
+            timeout_s=timeout_s,
+            prices=prices,
+            clock=clock,
+        )
         self._max_tokens_field: MaxTokensField = max_tokens_field
-        self._errors = ProviderErrors(name, Redactor(api_key), clock or SystemClock())
-        # Explicit, so that OPENAI_BASE_URL in the server's environment cannot redirect
-        # requests (and the key) somewhere the configuration does not say.
-        self.base_url = base_url or DEFAULT_BASE_URL
         self._client = openai.AsyncOpenAI(
             api_key=api_key,
             base_url=self.base_url,
             timeout=timeout_s,
             max_retries=0,
-            # One pooled connection per attempt the dispatcher may run: the SDK's default
-            # keeps only 100 alive, and a busy member would reconnect for every request.
-            http_client=openai.DefaultAsyncHttpxClient(
-                limits=httpx2.Limits(
-                    max_connections=max_concurrency, max_keepalive_connections=max_concurrency
-                ),
-            ),
+            http_client=openai.DefaultAsyncHttpxClient(limits=self._connection_limits()),
         )
-
-    def __repr__(self) -> str:
-        return f"OpenAIBackend({self._name!r}, base_url={self.base_url!r})"
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def max_concurrency(self) -> int:
-        return self._max_concurrency
-
-    @property
-    def task_types(self) -> frozenset[str]:
-        return self._task_types
 
     async def aclose(self) -> None:
         await self._client.close()
 
     async def execute(self, task: Task) -> AsyncIterator[BackendEvent]:
         spec = task.spec.input
-        if task.spec.type not in self._task_types:
-            raise BackendError(
-                "UNSUPPORTED",
-                f"backend {self._name} does not run tasks of type {task.spec.type!r}",
-                retryable=True,
-            )
+        if (unsupported := self._unsupported(task)) is not None:
+            raise unsupported
         failure: BackendError | None = None
         try:
             if task.spec.type == CHAT and isinstance(spec, ChatInput):

@@ -28,10 +28,12 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
-from server.clock import Clock
-from server.model.task import Usage
+import httpx2
+
+from server.clock import Clock, SystemClock
+from server.model.task import Task, Usage
 
 from .base import BackendError
 
@@ -261,3 +263,75 @@ def validate_task_types(kind: str, wanted: frozenset[str], supported: frozenset[
         raise ValueError(f"a {kind} backend needs at least one task type")
     if extra := wanted - supported:
         raise ValueError(f"a {kind} backend runs {sorted(supported)}, not {sorted(extra)}")
+
+
+class ProviderMember:
+    """What the provider backends share: identity, limits, prices and error translation.
+    A subclass names its `kind` and `supported` task types and builds its SDK client."""
+
+    kind: ClassVar[str]
+    supported: ClassVar[frozenset[str]]
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        base_url: str,
+        api_key: str,
+        max_concurrency: int,
+        task_types: frozenset[str],
+        timeout_s: float,
+        prices: PriceTable,
+        clock: Clock | None,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        if not timeout_s > 0:
+            raise ValueError("timeout_s must be more than 0")
+        if not api_key:
+            raise ValueError(
+                f"backend {name}: an API key is required (servers that ignore it take any)"
+            )
+        validate_task_types(self.kind, task_types, self.supported)
+        self._name = name
+        self._max_concurrency = max_concurrency
+        self._task_types = task_types
+        self._timeout_s = timeout_s
+        self._prices = prices
+        self._errors = ProviderErrors(name, Redactor(api_key), clock or SystemClock())
+        # Explicit (the subclass passes its provider's URL when none is configured), so
+        # that OPENAI_BASE_URL or ANTHROPIC_BASE_URL in the server's environment cannot
+        # redirect requests, and the key, somewhere the configuration does not say.
+        self.base_url = base_url
+
+    def __repr__(self) -> str:  # never the key
+        return f"{type(self).__name__}({self._name!r}, base_url={self.base_url!r})"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def max_concurrency(self) -> int:
+        return self._max_concurrency
+
+    @property
+    def task_types(self) -> frozenset[str]:
+        return self._task_types
+
+    def _connection_limits(self) -> httpx2.Limits:
+        # One pooled connection per attempt the dispatcher may run: the SDKs' default keeps
+        # only 100 alive, and a busy member would reconnect for every request.
+        return httpx2.Limits(
+            max_connections=self._max_concurrency,
+            max_keepalive_connections=self._max_concurrency,
+        )
+
+    def _unsupported(self, task: Task) -> BackendError | None:
+        if task.spec.type in self._task_types:
+            return None
+        return BackendError(
+            "UNSUPPORTED",
+            f"backend {self._name} does not run tasks of type {task.spec.type!r}",
+            retryable=True,
+        )
