@@ -41,6 +41,17 @@ async def placements(server: Running, keys: list[str]) -> dict[str, str]:
     return placed
 
 
+async def wait_in_flight(server: Running, name: str) -> None:
+    """Until `name` is running attempts: killing it then interrupts them."""
+    stub = admin_pb2_grpc.AdminServiceStub(server.channel)
+    for _ in range(500):
+        listed = (await stub.ListBackends(apb.ListBackendsRequest())).backends
+        if next(b for b in listed if b.config.name == name).in_flight > 0:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{name} never got work")
+
+
 async def wait_health(server: Running, name: str, healthy: bool) -> None:
     stub = admin_pb2_grpc.AdminServiceStub(server.channel)
     want = apb.HEALTH_STATE_HEALTHY if healthy else apb.HEALTH_STATE_UNHEALTHY
@@ -78,7 +89,7 @@ async def test_losing_an_executor_mid_load_loses_nothing_and_its_keys_come_back(
     tasks = await asyncio.gather(
         *(submit(server.stub, chat_spec(text, routing_key=f"load-{i}")) for i in range(LOAD))
     )
-    await asyncio.sleep(0.2)
+    await wait_in_flight(server, "executor-2")
     executors[1].kill()
     finals = await asyncio.gather(*(wait_terminal(server.stub, t.id) for t in tasks))
     states = [f.state for f in finals]
