@@ -138,6 +138,13 @@ async def watch_all(
     return [event async for event in call]
 
 
+def watched_text(events: list[pb.StreamResponse]) -> str:
+    """The chat text a watcher assembles: the snapshot's text so far (a watch may start
+    after the first tokens went out), then every output delta."""
+    start = events[0].snapshot.output.chat.text if events[0].HasField("snapshot") else ""
+    return start + "".join(e.output_delta.text for e in events if e.HasField("output_delta"))
+
+
 async def wait_terminal(stub: tasks_pb2_grpc.TaskServiceAsyncStub, task_id: str) -> pb.Task:
     """The task's final state, seen on Stream (no polling)."""
     events = await watch_all(stub, task_id)

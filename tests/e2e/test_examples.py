@@ -16,7 +16,14 @@ from grpc_status import rpc_status
 
 from client._proto.taskring.v1 import tasks_pb2 as pb
 from client._proto.taskring.v1 import tasks_pb2_grpc
-from tests.conftest import ROOT, ServerProcess, spawn_executor, spawn_server, wait_terminal
+from tests.conftest import (
+    ROOT,
+    ServerProcess,
+    spawn_executor,
+    spawn_server,
+    wait_terminal,
+    watched_text,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -78,8 +85,7 @@ async def test_summarize_runs_on_a_remote_executor(
             "With consistent hashing, adding servers moves few keys."
         )
         assert json_format.MessageToDict(output)["sentences"] == [0, 2]
-        streamed = "".join(e.output_delta.text for e in events if e.HasField("output_delta"))
-        assert "Consistent hashing maps keys to servers." in streamed
+        assert "Consistent hashing maps keys to servers." in watched_text(events)
 
         # Input that breaks the schema never becomes a task: Submit names the field.
         with pytest.raises(grpc.aio.AioRpcError) as rejected:

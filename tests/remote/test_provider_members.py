@@ -17,7 +17,7 @@ from client._proto.taskring.v1 import tasks_pb2 as pb
 from server.app import App
 from server.config import Settings
 from server.config_file import read_file_config
-from tests.conftest import FAST_RETRY, make_settings, wait_terminal
+from tests.conftest import FAST_RETRY, make_settings, wait_terminal, watched_text
 from tests.fakes import Fail, FakeAnthropic, FakeOpenAI
 
 SECRET = "sk-test-0123456789abcdefghijklmnopqrstuvwxyz"
@@ -108,7 +108,7 @@ async def test_chat_streams_from_providers_with_usage_and_cost(
             assert final.state == pb.TASK_STATE_SUCCEEDED, final.error
             deltas = [e.output_delta.text for e in events if e.HasField("output_delta")]
             assert len(deltas) > 1, "the reply arrives as it is generated"
-            assert "".join(deltas) == final.output.chat.text
+            assert watched_text(events) == final.output.chat.text
             assert f"{i} things" in final.output.chat.text
             usage = final.usage
             assert usage.input_tokens > 0
