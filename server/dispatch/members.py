@@ -70,6 +70,8 @@ class Members:
         self.backends: dict[str, Backend] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
         self._health_ok: dict[str, bool] = {}
+        # What the balancer was last told: whether each member may take work.
+        self._available: dict[str, bool] = {}
         # Members whose half-open circuit lets one trial attempt through, now running.
         self._trials: set[str] = set()
         self._watchers: dict[str, HealthWatcher] = {}
@@ -140,6 +142,7 @@ class Members:
         backend = self.backends.pop(name)
         self._breakers.pop(name, None)
         self._health_ok.pop(name, None)
+        self._available.pop(name, None)
         self._trials.discard(name)
         await close_backend(backend)
 
@@ -202,6 +205,8 @@ class Members:
         breaker = self._breakers.get(name)
         if breaker is None or name in self._leaving:
             return  # removed meanwhile: its outcomes no longer matter
+        if name not in self._trials and breaker.consecutive_failures == 0:
+            return  # the common case: a healthy member stays as it was
         self._trials.discard(name)
         if breaker.success():
             _log.info("backend %s: circuit closed", name)
@@ -260,6 +265,9 @@ class Members:
             and state is not CircuitState.OPEN
             and not (state is CircuitState.HALF_OPEN and name in self._trials)
         )
+        if ok == self._available.get(name, True):
+            return  # nothing changed: no balancer update, no extra look at the queue
+        self._available[name] = ok
         self._balancer.set_healthy(name, ok)
         if ok:
             self.on_available()
@@ -281,6 +289,7 @@ class Members:
             if reopens_at is not None and reopens_at > now:
                 self._wake_at(name, reopens_at - now)
             self._refresh(name)
+            self.on_available()  # a hold may have ended, which _refresh does not see
 
         self._timers[name] = asyncio.get_running_loop().call_later(delay_s, wake)
 

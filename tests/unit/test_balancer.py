@@ -13,29 +13,11 @@ import pytest
 from server.clock import ManualClock
 from server.routing.balancer import Balancer, MemberStatus, PoolMember
 from server.routing.ring import HashRing, Member
+from tests.unit.test_ring import HAND
 
-# The hand ring of test_ring.py: with vnodes_per_weight=2 a key's hash is the number it
-# spells, and the points are
-#
-#     10 a   20 d   30 b   40 c   50 a   60 d   70 b   75 a   90 c   95 a
-#            (d only once added; a#2 and a#3 only at weight 2)
-POINTS = {
-    "a#0": 10,
-    "a#1": 50,
-    "a#2": 75,
-    "a#3": 95,
-    "b#0": 30,
-    "b#1": 70,
-    "c#0": 40,
-    "c#1": 90,
-    "d#0": 20,
-    "d#1": 60,
-}
-
-
-def hand_hash(data: bytes) -> int:
-    text = data.decode()
-    return POINTS[text] if "#" in text else int(text)
+# The hand ring of test_ring.py (see its POINTS): with vnodes_per_weight=2 a key's hash is
+# the number it spells.
+hand_hash = HAND
 
 
 CHAT = frozenset({"chat"})
