@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 
+from . import process
 from .app import App
 from .backends.factory import BackendConfigError
 from .config import ConfigError, Settings
@@ -57,16 +58,7 @@ def main() -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.server.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(serve(settings))
-    return uvloop.run(serve(settings))
+    return process.run(serve(settings), settings.server.log_level)
 
 
 if __name__ == "__main__":

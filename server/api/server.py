@@ -27,10 +27,9 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
-def build_server(
-    servicer: TaskServicer, health_servicer: health.aio.HealthServicer, admin: AdminServicer
-) -> grpc.aio.Server:
-    server = grpc.aio.server(
+def new_server() -> grpc.aio.Server:
+    """A grpc.aio server with the options every taskring process (router, executor) uses."""
+    return grpc.aio.server(
         options=[
             # gRPC sets SO_REUSEPORT by default: a second server on a busy port would
             # silently "succeed" and share it. Fail loudly instead.
@@ -39,6 +38,12 @@ def build_server(
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
     )
+
+
+def build_server(
+    servicer: TaskServicer, health_servicer: health.aio.HealthServicer, admin: AdminServicer
+) -> grpc.aio.Server:
+    server = new_server()
     tasks_pb2_grpc.add_TaskServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)

@@ -70,3 +70,27 @@ class Backend(Protocol):
 
         Cancelling the consuming task cancels the work (the iterator is closed)."""
         ...
+
+
+class BackendBase:
+    """What every Backend implementation carries: its name, how many attempts it runs at
+    once, and the task types it runs (a base class; the protocol above is the contract)."""
+
+    def __init__(self, name: str, max_concurrency: int, task_types: frozenset[str]) -> None:
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        self._name = name
+        self._max_concurrency = max_concurrency
+        self._task_types = task_types
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def max_concurrency(self) -> int:
+        return self._max_concurrency
+
+    @property
+    def task_types(self) -> frozenset[str]:
+        return self._task_types

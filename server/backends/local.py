@@ -27,7 +27,7 @@ from server.model.task import (
     Usage,
 )
 
-from .base import BackendError, BackendEvent, Completed, OutputChunk
+from .base import BackendBase, BackendError, BackendEvent, Completed, OutputChunk
 
 Handler = Callable[[Task], AsyncIterator[BackendEvent]]
 _TOKEN = re.compile(r"\S+\s*|\s+")
@@ -91,27 +91,12 @@ def builtin_handlers(settings: LocalModelSettings) -> dict[str, Handler]:
     return {CHAT: echo_chat(settings), EMBED: hash_embed(settings)}
 
 
-class LocalBackend:
+class LocalBackend(BackendBase):
     """Runs handlers in this process; `max_concurrency` bounds how many at once."""
 
     def __init__(self, name: str, handlers: Mapping[str, Handler], max_concurrency: int) -> None:
-        if max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
-        self._name = name
+        super().__init__(name, max_concurrency, frozenset(handlers))
         self._handlers = dict(handlers)
-        self._max_concurrency = max_concurrency
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def max_concurrency(self) -> int:
-        return self._max_concurrency
-
-    @property
-    def task_types(self) -> frozenset[str]:
-        return frozenset(self._handlers)
 
     def execute(self, task: Task) -> AsyncIterator[BackendEvent]:
         handler = self._handlers.get(task.spec.type)

@@ -35,7 +35,7 @@ import httpx2
 from server.clock import Clock, SystemClock
 from server.model.task import Task, Usage
 
-from .base import BackendError
+from .base import BackendBase, BackendError
 
 # A provider asking for a longer pause than this is misbehaving; the router would otherwise
 # leave a healthy member idle for hours on one bad header.
@@ -265,7 +265,7 @@ def validate_task_types(kind: str, wanted: frozenset[str], supported: frozenset[
         raise ValueError(f"a {kind} backend runs {sorted(supported)}, not {sorted(extra)}")
 
 
-class ProviderMember:
+class ProviderMember(BackendBase):
     """What the provider backends share: identity, limits, prices and error translation.
     A subclass names its `kind` and `supported` task types and builds its SDK client."""
 
@@ -284,8 +284,7 @@ class ProviderMember:
         prices: PriceTable,
         clock: Clock | None,
     ) -> None:
-        if max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
+        super().__init__(name, max_concurrency, task_types)
         if not timeout_s > 0:
             raise ValueError("timeout_s must be more than 0")
         if not api_key:
@@ -293,9 +292,6 @@ class ProviderMember:
                 f"backend {name}: an API key is required (servers that ignore it take any)"
             )
         validate_task_types(self.kind, task_types, self.supported)
-        self._name = name
-        self._max_concurrency = max_concurrency
-        self._task_types = task_types
         self._timeout_s = timeout_s
         self._prices = prices
         self._errors = ProviderErrors(name, Redactor(api_key), clock or SystemClock())
@@ -306,18 +302,6 @@ class ProviderMember:
 
     def __repr__(self) -> str:  # never the key
         return f"{type(self).__name__}({self._name!r}, base_url={self.base_url!r})"
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def max_concurrency(self) -> int:
-        return self._max_concurrency
-
-    @property
-    def task_types(self) -> frozenset[str]:
-        return self._task_types
 
     def _connection_limits(self) -> httpx2.Limits:
         # One pooled connection per attempt the dispatcher may run: the SDKs' default keeps

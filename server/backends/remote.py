@@ -17,7 +17,7 @@ from server.api.convert import output_from_pb, task_to_pb, usage_from_pb
 from server.clock import Clock, SystemClock
 from server.model.task import Task
 
-from .base import BackendError, BackendEvent, Completed, OutputChunk
+from .base import BackendBase, BackendError, BackendEvent, Completed, OutputChunk
 
 # How long an executor that answered RESOURCE_EXHAUSTED gets no new work: it is full, not
 # failing, and a slot frees when any of its attempts ends.
@@ -49,7 +49,7 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-class RemoteBackend:
+class RemoteBackend(BackendBase):
     def __init__(
         self,
         name: str,
@@ -59,12 +59,8 @@ class RemoteBackend:
         task_types: frozenset[str],
         clock: Clock | None = None,
     ) -> None:
-        if max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
-        self._name = name
+        super().__init__(name, max_concurrency, task_types)
         self.address = address
-        self._max_concurrency = max_concurrency
-        self._task_types = task_types
         self._clock = clock or SystemClock()
         # One HTTP/2 connection multiplexes every attempt; gRPC reconnects it with backoff.
         self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
@@ -72,18 +68,6 @@ class RemoteBackend:
 
     def __repr__(self) -> str:
         return f"RemoteBackend({self._name!r}, address={self.address!r})"
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def max_concurrency(self) -> int:
-        return self._max_concurrency
-
-    @property
-    def task_types(self) -> frozenset[str]:
-        return self._task_types
 
     async def aclose(self) -> None:
         await self.channel.close()

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from server import process
 from server.config import ConfigError, ExecutorSettings
 from server.tasktypes import TaskTypeConfigError
 
@@ -49,16 +50,7 @@ def main() -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(serve(settings))
-    return uvloop.run(serve(settings))
+    return process.run(serve(settings), settings.log_level)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import TracebackType
 
-import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from client._proto.taskring.v1 import executor_pb2, executor_pb2_grpc
-from server.api.server import MAX_MESSAGE_BYTES
+from server.api.server import new_server
 from server.backends.local import Handler, LocalBackend, LocalModelSettings, builtin_handlers
 from server.config import ExecutorSettings
 from server.tasktypes import TaskTypes
@@ -41,13 +40,7 @@ class ExecutorApp:
         self.backend = LocalBackend("executor", handlers, settings.max_concurrency)
         self.servicer = ExecutorServicer(self.backend)
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(
-            options=[
-                ("grpc.so_reuseport", 0),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ]
-        )
+        self.server = new_server()
         executor_pb2_grpc.add_ExecutorServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
