@@ -52,9 +52,10 @@ Single-threaded: the dispatcher's event loop calls everything, so there are no l
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
 from itertools import chain, islice
 
 from server.clock import Clock, SystemClock
@@ -247,7 +248,9 @@ class Balancer:
             for task_type in member.task_types:
                 by_type.setdefault(task_type, []).append(Member(member.name, member.weight))
         for task_type, ring_members in by_type.items():
-            self._pools[task_type] = _Pool(self._new_ring(ring_members))
+            membership = frozenset((m.name, m.weight) for m in ring_members)
+            ring = self._shared_ring(membership, partial(self._new_ring, ring_members))
+            self._pools[task_type] = _Pool(ring)
         for member in given:
             self._join(self._states[member.name], member)
 
@@ -454,12 +457,16 @@ class Balancer:
         ring_member = Member(member.name, member.weight)
         for task_type in old_types - member.task_types:
             self._leave(task_type, member.name)
+        entry = (member.name, member.weight)
         for task_type in member.task_types:
             pool = self._pools.get(task_type)
             if pool is None:
-                self._pools[task_type] = _Pool(self._new_ring([ring_member]))
+                ring = self._shared_ring(frozenset({entry}), lambda: self._new_ring([ring_member]))
+                self._pools[task_type] = _Pool(ring)
             elif task_type not in old_types or member.weight != old_weight:
-                pool.ring = pool.ring.with_member(ring_member)
+                old = pool.ring
+                membership = _membership(old) - {(member.name, old_weight)} | {entry}
+                pool.ring = self._shared_ring(membership, partial(old.with_member, ring_member))
         self._join(state, member)
 
     def _join(self, state: _State, member: PoolMember) -> None:
@@ -492,10 +499,23 @@ class Balancer:
         if len(pool.ring) == 1:
             del self._pools[task_type]  # nobody serves the type: acquire() returns None
         else:
-            pool.ring = pool.ring.without_member(name)
+            old = pool.ring
+            membership = frozenset(e for e in _membership(old) if e[0] != name)
+            pool.ring = self._shared_ring(membership, partial(old.without_member, name))
 
     def _new_ring(self, members: list[Member]) -> HashRing:
         return HashRing(members, vnodes_per_weight=self._vnodes_per_weight, hash_fn=self._hash_fn)
+
+    def _shared_ring(
+        self, membership: frozenset[tuple[str, int]], build: Callable[[], HashRing]
+    ) -> HashRing:
+        """The ring of a pool with this membership if one exists, else `build()`: types
+        served by the same members share one immutable ring (each costs ~20 ms and
+        megabytes to build), while each pool keeps its own loads."""
+        for pool in self._pools.values():
+            if _membership(pool.ring) == membership:
+                return pool.ring
+        return build()
 
     def _state(self, name: str) -> _State:
         state = self._states.get(name)
@@ -546,6 +566,10 @@ def _take(state: _State) -> None:
     state.load += 1
     for pool in state.pools:
         pool.load += 1
+
+
+def _membership(ring: HashRing) -> frozenset[tuple[str, int]]:
+    return frozenset((m.name, m.weight) for m in ring.members)
 
 
 def _name(state: _State) -> str:

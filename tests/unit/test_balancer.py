@@ -449,3 +449,28 @@ def test_a_retry_never_returns_to_the_failed_member_while_another_has_a_free_slo
         for name in [first, retry, *held]:
             assert name is not None
             balancer.release(name)
+
+
+def test_types_with_the_same_members_route_alike_and_part_when_membership_differs() -> None:
+    """Types served by the same members send a key to the same member (they share one
+    ring); once a member leaves one type, only that type's keys move."""
+    both = frozenset({"chat", "embed"})
+    balancer = Balancer([member(n, both) for n in ("a", "b", "c")], vnodes_per_weight=50)
+    keys = [f"k{i}" for i in range(300)]
+
+    def owners(task_type: str) -> list[str]:
+        picked = []
+        for key in keys:  # one at a time: no load, so each key goes to its owner
+            name = balancer.acquire(task_type, key)
+            assert name is not None
+            balancer.release(name)
+            picked.append(name)
+        return picked
+
+    assert owners("chat") == owners("embed")
+    before = owners("embed")
+    balancer.add(member("b", CHAT))  # b stops serving embed
+    after = owners("embed")
+    assert "b" not in after
+    assert all(was == now for was, now in zip(before, after, strict=True) if was != "b")
+    assert owners("chat") == before, "chat's ring did not change"
