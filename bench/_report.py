@@ -52,6 +52,7 @@ def print_table(report: Report) -> None:
     )
     print(f"store: {report.config['store_url']}  {report.config['durability']}", file=out)
     rows: list[LoadResult | RateResult] = [*report.echo, *report.submit, *report.e2e]
+    rows += report.observability
     if report.rate:
         rows.append(report.rate)
     print(
@@ -150,7 +151,10 @@ def summary_json(report: Report) -> str:
     checks = [{**asdict(c), "passed": c.passed} for c in report.checks()]
     data = {
         "bench": "taskring_submit",
-        **{k: getattr(report, k) for k in ("config", "environment", "echo", "submit", "e2e")},
+        **{
+            k: getattr(report, k)
+            for k in ("config", "environment", "echo", "submit", "e2e", "observability")
+        },
         "e2e_best": best,
         "rate": report.rate,
         "celery": report.celery,

@@ -15,6 +15,8 @@ from _stats import Latency
 GOAL_SUBMIT_VS_ECHO = 0.6  # Submit calls/s over echo calls/s, at least
 GOAL_E2E_VS_CELERY = 2.0  # taskring e2e tasks/s over Celery's best pool, at least
 GOAL_P99_VS_CELERY = 0.5  # taskring e2e p99 at the fixed rate over Celery's best, at most
+# Submit calls/s with metrics and tracing on over off, at least (they cost under 10%).
+GOAL_OBSERVABILITY_COST = 0.9
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,8 @@ class Report:
     submit: list[LoadResult] = field(default_factory=list)
     e2e: list[LoadResult] = field(default_factory=list)
     rate: RateResult | None = None
+    # Submit loads without and with metrics + tracing, settings "off ..." / "on ...".
+    observability: list[LoadResult] = field(default_factory=list)
     celery: CeleryResult | None = None
     celery_note: str = ""
     profiles: dict[str, HotSpots] = field(default_factory=dict)
@@ -123,7 +127,21 @@ class Report:
         return max(self.e2e, key=lambda r: r.per_s, default=None)
 
     def checks(self) -> list[Check]:
-        return [*self._submit_checks(), *self._celery_checks()]
+        return [*self._submit_checks(), *self._celery_checks(), *self._observability_checks()]
+
+    def _observability_checks(self) -> list[Check]:
+        if not self.observability:
+            return []
+
+        def mean_per_s(mode: str) -> float:
+            runs = [r.per_s for r in self.observability if r.setting.startswith(mode + " ")]
+            return sum(runs) / len(runs) if runs else math.nan
+
+        on, off = mean_per_s("on"), mean_per_s("off")
+        detail = f"{on:.0f} / {off:.0f} Submits/s (mean of the runs)"
+        value = on / off if off else math.nan
+        name = "Submit/s: metrics+tracing on / off"
+        return [Check(name, value, GOAL_OBSERVABILITY_COST, True, detail)]
 
     def _submit_checks(self) -> list[Check]:
         echo_by_setting = {r.setting: r for r in self.echo}

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 from _console import BenchError, log
 from _load import (
     Call,
@@ -29,6 +30,8 @@ from _stats import Latency
 from client._proto.taskring.v1 import tasks_pb2
 
 ECHO_SERVER = Path(__file__).with_name("echo_server.py")
+OTLP_SINK = Path(__file__).with_name("_otlp_sink.py")
+OTLP_SINK_READY = "otlp-sink listening on"
 ECHO_METHOD = "/bench.Echo/Echo"
 SUBMIT_METHOD = "/taskring.v1.TaskService/Submit"
 
@@ -136,15 +139,20 @@ async def submit_stage(
             reply = tasks_pb2.SubmitResponse.FromString(raw_reply)
             if not reply.task.id or not reply.created:
                 raise BenchError(f"unexpected Submit reply: {reply}")
-            call = unary_bytes_call(channels, SUBMIT_METHOD, request.SerializeToString())
             setting = f"C={settings.unary_concurrency} ch={count}"
-            load = Load(call, settings.unary_n, settings.unary_concurrency, settings.warmup_n)
+            load = submit_load(settings, channels)
             settle = functools.partial(wait_until_idle, channels[0])
             async with profiler.record(srv.pid, f"submit-ch{count}"):
                 result = await measure_closed("Submit", setting, srv, load, quiet, settle)
             report.submit.append(result)
             # The submitted tasks still run after the load: not on the next stage's time.
             await wait_until_idle(channels[0])
+
+
+def submit_load(settings: LoadSettings, channels: Sequence[grpc.aio.Channel]) -> Load:
+    """Submit called exactly as the echo is: the same client code, bytes in and out."""
+    call = unary_bytes_call(channels, SUBMIT_METHOD, chat_request().SerializeToString())
+    return Load(call, settings.unary_n, settings.unary_concurrency, settings.warmup_n)
 
 
 async def e2e_stage(
@@ -194,3 +202,51 @@ async def rate_stage(
         f"max {lat.max_ms:.2f} ms, achieved {run.achieved_rate:.1f}/s, "
         f"worst send lag {run.max_lag_ms:.2f} ms"
     )
+
+
+# What "observability off" and "on" mean for the Submit comparison: on is as deployed, with
+# metrics served and traces exported over OTLP to a collector (the sink) at the default
+# sampling; off turns both off.
+OBSERVABILITY_OFF = {"TASKRING_METRICS_LISTEN": "off", "OTEL_SDK_DISABLED": "true"}
+
+
+async def observability_stage(
+    settings: LoadSettings, env: Mapping[str, str], workdir: Path, report: Report, rounds: int
+) -> None:
+    """Submit throughput without, then with, metrics and tracing: a fresh server each time,
+    in turns (off, on, off, on...) so the machine's drift falls on both alike."""
+    sink_argv = [sys.executable, str(OTLP_SINK)]
+    quiet = (settings.quiet_wait_s, settings.quiet_pct)
+    async with server_child(
+        "otlp-sink", sink_argv, None, workdir / "sink.log", OTLP_SINK_READY
+    ) as sink:
+        observed = {
+            "TASKRING_METRICS_LISTEN": f"{LOOPBACK}:0",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": sink.address,
+        }
+        for round_ in range(rounds):
+            for mode, extra in (("off", OBSERVABILITY_OFF), ("on", observed)):
+                server_env = {
+                    k: v
+                    for k, v in env.items()
+                    if not k.startswith("OTEL_") and k != "TASKRING_METRICS_LISTEN"
+                }
+                server_env.update(extra)
+                log_path = workdir / f"taskring-observability-{mode}-{round_}.log"
+                argv = [sys.executable, "-m", "server"]
+                async with (
+                    server_child(
+                        f"taskring (metrics+tracing {mode})",
+                        argv,
+                        server_env,
+                        log_path,
+                        "taskring listening on",
+                    ) as srv,
+                    open_channels(srv.address, 1) as channels,
+                ):
+                    load = submit_load(settings, channels)
+                    settle = functools.partial(wait_until_idle, channels[0])
+                    setting = f"{mode} C={settings.unary_concurrency} #{round_ + 1}"
+                    result = await measure_closed("observ", setting, srv, load, quiet, settle)
+                    report.observability.append(result)
+                    await wait_until_idle(channels[0])

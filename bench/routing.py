@@ -1,6 +1,6 @@
 """Benchmark the latency taskring adds over calling an OpenAI-compatible server directly.
 
-    .venv/bin/python bench/routing.py                     # about 50 s
+    .venv/bin/python bench/routing.py                     # about 75 s
     .venv/bin/python bench/routing.py --sync OFF,NORMAL   # + a router per mode, ~25 s each
     .venv/bin/python bench/routing.py --no-gate --json-out bench/results/routing.json
 
@@ -12,22 +12,26 @@ _fake_provider.py: --tokens 16 words, --token-delay-ms 2 before each) by two pat
           router asks too): time to first token (TTFT) from the call to the first
           non-empty content delta; completion at the end of the stream;
   routed  taskring (`python -m server`, one `kind = "openai"` member whose base_url is the
-          fake, a fresh SQLite store): Submit a chat task, then Stream it from the start as
-          soon as Submit returns; TTFT from before Submit to the first event carrying output
-          (an output delta, or a snapshot that already holds text: Stream begins with the
-          task as it stands, so a delta published before the Stream started is not lost);
-          completion at the terminal state. Submit's own time is shown beside it.
+          fake, a fresh SQLite store), a chat task asked for in one SubmitAndStream call
+          (the API for a client that wants tokens as they come; gated) and, on the same
+          router, as Submit then Stream once Submit returns (one more round trip; info).
+          TTFT from before the first call to the first event carrying output (an output
+          delta, or a snapshot that already holds text: a watch begins with the task as it
+          stands, so a delta published before it started is not lost); completion at the
+          terminal state. The time until Submit answered (the first message of
+          SubmitAndStream, sent once the task is committed) is shown beside it.
 
-The paths take turns in phases of --phase-s seconds (direct, routed, direct, routed for
---rounds 2), so drift of the machine over the run falls on both alike; each phase starts
+The paths take turns in phases of --phase-s seconds (direct, routed..., direct, routed...
+for --rounds 2), so drift of the machine over the run falls on both alike; each phase starts
 with --warmup-s unrecorded, and the run with one unrecorded warm-up per path. The added
 latency is the routed percentile minus the direct one (the samples are not paired, so this
 is a difference of percentiles, not a percentile of differences).
 
 Goals (the issue's; LiteLLM documents 3.25 ms of added latency): added TTFT p50 <= 1 ms and
-p99 <= 3 ms, with the router's default durable store (SQLite synchronous=FULL), and no
-failed request. `--sync OFF,NORMAL` adds a router per mode as informational rows (not
-gated, not durable), to show how much of the added time is the durable commits.
+p99 <= 3 ms for SubmitAndStream with the router's default durable store (SQLite
+synchronous=FULL), and no failed request. `--sync OFF,NORMAL` adds a router per mode as
+informational rows (not gated, not durable), to show how much of the added time is the
+durable commits.
 
 Every child runs in its own process group on 127.0.0.1:0 and is stopped by PID (SIGTERM,
 then SIGKILL of its group) also on error, Ctrl-C, SIGTERM or when --max-seconds runs out.
@@ -48,7 +52,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +143,7 @@ class Target:
 
     label: str
     sync: str | None  # the router's SQLite synchronous mode; None for the direct path
+    api: str  # how the client asks: SubmitAndStream, Submit+Stream, or the SDK
     make_call: Callable[[Samples], Call]
     router_pid: int | None
 
@@ -173,7 +178,7 @@ def direct_target(client: openai.AsyncOpenAI, prompt: str) -> Target:
 
         return call
 
-    return Target("direct (SDK)", None, make_call, None)
+    return Target("direct (SDK)", None, "SDK", make_call, None)
 
 
 def carries_output(event: tasks_pb2.StreamResponse) -> bool:
@@ -186,24 +191,48 @@ def carries_output(event: tasks_pb2.StreamResponse) -> bool:
     return bool(task.output.chat.text)
 
 
-def routed_target(channel: grpc.aio.Channel, router: Server, sync: str, prompt: str) -> Target:
+ONE_CALL = "SubmitAndStream"
+TWO_CALLS = "Submit+Stream"
+
+
+def routed_target(
+    channel: grpc.aio.Channel, router: Server, sync: str, prompt: str, api: str
+) -> Target:
+    """A chat task through the router, asked for in one call (SubmitAndStream: the way a
+    client that wants tokens as they come is meant to) or in two (Submit, then Stream once
+    Submit returns: one more round trip, shown for comparison)."""
     stub: tasks_pb2_grpc.TaskServiceAsyncStub = tasks_pb2_grpc.TaskServiceStub(channel)
     chat = tasks_pb2.ChatInput(
         model=MODEL, messages=[tasks_pb2.ChatMessage(role="user", content=prompt)]
     )
     # One attempt: a failure shows as an error here rather than as a slow retried success.
-    request = tasks_pb2.SubmitRequest(task=tasks_pb2.TaskSpec(chat=chat, max_attempts=1))
+    spec = tasks_pb2.TaskSpec(chat=chat, max_attempts=1)
+    submit = tasks_pb2.SubmitRequest(task=spec)
+    submit_and_stream = tasks_pb2.SubmitAndStreamRequest(task=spec)
+
+    async def events(stamps: list[float]) -> AsyncIterator[tasks_pb2.StreamResponse]:
+        """The task's events; appends when Submit answered (the first message, for one
+        call) to `stamps`."""
+        if api == ONE_CALL:
+            async for response in stub.SubmitAndStream(submit_and_stream):
+                if not stamps:
+                    stamps.append(time.perf_counter())
+                yield response.event
+            return
+        reply = await stub.Submit(submit)
+        stamps.append(time.perf_counter())
+        async for event in stub.Stream(tasks_pb2.StreamRequest(task_id=reply.task.id)):
+            yield event
 
     def make_call(into: Samples) -> Call:
         async def call(index: int) -> float:
             start = time.perf_counter()
-            reply = await stub.Submit(request)
-            submitted = time.perf_counter()
+            submitted: list[float] = []
             first, done = math.nan, math.nan
             final: tasks_pb2.TaskState.ValueType | None = None
             # Read to the end rather than break: the server ends the stream after the
             # terminal state, and a break would cancel the RPC instead.
-            async for event in stub.Stream(tasks_pb2.StreamRequest(task_id=reply.task.id)):
+            async for event in events(submitted):
                 if math.isnan(first) and carries_output(event):
                     first = time.perf_counter()
                 if (state := event_state(event)) in TERMINAL:
@@ -214,13 +243,14 @@ def routed_target(channel: grpc.aio.Channel, router: Server, sync: str, prompt: 
                 raise TaskFailedError(f"{sync}: task ended {tasks_pb2.TaskState.Name(final)}")
             if math.isnan(first):
                 raise TaskFailedError(f"{sync}: the task succeeded without output")
-            into[index] = Sample(first - start, done - start, submitted - start)
+            into[index] = Sample(first - start, done - start, submitted[0] - start)
             return done
 
         return call
 
-    label = f"taskring {sync}" + ("" if sync == DURABLE_SYNC else " (info)")
-    return Target(label, sync, make_call, router.pid)
+    info = sync != DURABLE_SYNC or api != ONE_CALL
+    label = f"taskring {sync} {api}" + (" (info)" if info else "")
+    return Target(label, sync, api, make_call, router.pid)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -285,6 +315,7 @@ class Figures:
 
     label: str
     sync: str | None
+    api: str
     ok: int
     errors: dict[str, int]
     achieved_rate: float
@@ -305,6 +336,7 @@ class Figures:
         return cls(
             label=target.label,
             sync=target.sync,
+            api=target.api,
             ok=len(m.samples),
             errors=dict(m.errors),
             achieved_rate=(len(m.samples) + m.errors.total()) / max(m.sent_s, 1e-9),
@@ -369,6 +401,7 @@ def router_env(sync: str, fake_base_url: str, workdir: Path) -> dict[str, str]:
     env.update(
         {
             "TASKRING_LISTEN": f"{LOOPBACK}:0",
+            "TASKRING_METRICS_LISTEN": f"{LOOPBACK}:0",  # routers run side by side
             "TASKRING_STORE": f"sqlite:///{workdir / f'taskring-{sync}.db'}",
             "TASKRING_SQLITE_SYNCHRONOUS": sync,
             "TASKRING_CONFIG": str(config),
@@ -403,7 +436,9 @@ async def measure(plan: Plan, workdir: Path, figures: list[Figures]) -> None:
                 )
             )
             (channel,) = await stack.enter_async_context(open_channels(router.address, 1))
-            targets.append(routed_target(channel, router, sync, plan.prompt))
+            targets.append(routed_target(channel, router, sync, plan.prompt, ONE_CALL))
+            if sync == DURABLE_SYNC:
+                targets.append(routed_target(channel, router, sync, plan.prompt, TWO_CALLS))
         measured = {t.label: Measured() for t in targets}
         log("warming up every path ...")
         for target in targets:
@@ -429,6 +464,7 @@ class Added:
 
     label: str
     sync: str
+    api: str
     ttft_p50_ms: float
     ttft_p99_ms: float
     done_p50_ms: float
@@ -436,7 +472,7 @@ class Added:
 
     @property
     def gated(self) -> bool:
-        return self.sync == DURABLE_SYNC
+        return self.sync == DURABLE_SYNC and self.api == ONE_CALL
 
     @property
     def passed(self) -> bool | None:
@@ -456,6 +492,7 @@ def added(figures: Sequence[Figures]) -> list[Added]:
         Added(
             f.label,
             f.sync,
+            f.api,
             f.ttft.p50_ms - direct.ttft.p50_ms,
             f.ttft.p99_ms - direct.ttft.p99_ms,
             f.done.p50_ms - direct.done.p50_ms,
@@ -478,7 +515,7 @@ def passed(figures: Sequence[Figures], failure: str) -> bool:
 
 # The figures table's columns: header, width, cell. The first is left-aligned.
 COLUMNS: list[tuple[str, int, Callable[[Figures], str]]] = [
-    ("path", 24, lambda f: f.label),
+    ("path", 38, lambda f: f.label),
     ("ok", 6, lambda f: str(f.ok)),
     ("err", 5, lambda f: str(sum(f.errors.values()))),
     ("per s", 7, lambda f: fmt(f.achieved_rate, 1)),
@@ -494,10 +531,11 @@ COLUMNS: list[tuple[str, int, Callable[[Figures], str]]] = [
     ("other%", 8, lambda f: fmt(f.other_pct)),
 ]
 
-LABEL = 46  # width of the added-latency rows' labels
+LABEL = 56  # width of the added-latency rows' labels
 LEGEND = """\
   TTFT: to the first output token; done: to the end of the stream (direct) or the terminal
-  state (routed); Submit: the Submit call alone; router us/req: the router's CPU (all
+  state (routed); Submit: until Submit answered (the first message of SubmitAndStream);
+  router us/req: the router's CPU (all
   threads) per request; loop%: its event loop's thread, in % of one core; bench us/req: this
   process (the SDK, or the gRPC client); other%: programs outside the benchmark"""
 
@@ -525,14 +563,16 @@ def print_table(plan: Plan, env: dict[str, Any], figures: Sequence[Figures], fai
     header = "added by taskring (routed - direct)"
     print(f"\n{header:<{LABEL}}{'p50':>8}{'p99':>8}  {'goal':<22}result")
     for a in added(figures):
-        durability = "" if a.gated else ", not durable"
+        how = f"{a.api}, synchronous={a.sync}" + (
+            "" if a.sync == DURABLE_SYNC else " (not durable)"
+        )
         mark = {True: "PASS", False: "MISS", None: "info"}[a.passed]
         print(
-            f"{'TTFT, synchronous=' + a.sync + durability:<{LABEL}}{fmt(a.ttft_p50_ms, 2):>8}"
+            f"{'TTFT, ' + how:<{LABEL}}{fmt(a.ttft_p50_ms, 2):>8}"
             f"{fmt(a.ttft_p99_ms, 2):>8}  {goal if a.gated else '-':<22}{mark}"
         )
         print(
-            f"{'completion, synchronous=' + a.sync + durability:<{LABEL}}{fmt(a.done_p50_ms, 2):>8}"
+            f"{'completion, ' + how:<{LABEL}}{fmt(a.done_p50_ms, 2):>8}"
             f"{fmt(a.done_p99_ms, 2):>8}  {'-':<22}info"
         )
     errors = error_count(figures)

@@ -12,11 +12,14 @@ In one run, on loopback, with the same load client (grpc.aio on uvloop, one proc
           of a sweep; tasks/s from the first Submit to the last SUCCEEDED seen;
   rate    one Submit every 1/rate s (open loop: send times computed from the start), each
           followed by a Stream until SUCCEEDED; latency from just before Submit to SUCCEEDED;
+  observ  Submit as above without, then with, metrics and tracing (OTLP to bench/_otlp_sink.py,
+          default sampling), a fresh server each, in turns; goal: on / off >= 0.9;
   celery  ../shared/bench/celery_baseline.py (Celery + Redis, no-op task) run by a Python
           that has celery and redis, on the same machine after taskring has stopped.
 
 Ratios are printed beside their goals (Submit/echo calls/s >= 0.6; taskring e2e tasks/s >=
-2x Celery's best pool; taskring e2e p99 at 200/s <= 0.5x Celery's best pool).
+2x Celery's best pool; taskring e2e p99 at 200/s <= 0.5x Celery's best pool; Submit with
+metrics and tracing at least 0.9x without). `--stages observability` runs only that one.
 
 Every server is a child in its own process group on 127.0.0.1:0, taskring with a fresh
 store in a temporary directory; each is stopped by PID (SIGTERM, then SIGKILL of its group)
@@ -75,7 +78,7 @@ from _procs import LOOPBACK, ROOT
 from _profile import Profiler, hot_spots, read_text
 from _report import print_table, summary_json
 from _results import Report
-from _stages import LoadSettings, echo_stage, taskring_stages
+from _stages import LoadSettings, echo_stage, observability_stage, taskring_stages
 
 # --------------------------------------------------------------------------- orchestration
 
@@ -110,6 +113,9 @@ def server_env(args: argparse.Namespace, workdir: Path) -> dict[str, str]:
     env.update(
         {
             "TASKRING_LISTEN": f"{LOOPBACK}:0",
+            # Metrics on, as deployed, on a free port; --server-env
+            # TASKRING_METRICS_LISTEN=off measures without them.
+            "TASKRING_METRICS_LISTEN": f"{LOOPBACK}:0",
             "TASKRING_STORE": store_url(args.store, workdir),
             "TASKRING_LOCAL_TOKEN_DELAY_S": "0",
             "TASKRING_LOCAL_EXECUTORS": "3",
@@ -204,10 +210,17 @@ async def run_celery(run: Run, report: Report) -> None:
 
 
 async def run_all(run: Run, report: Report) -> None:
-    """Every stage in order; one server at a time, so they never compete for the CPU."""
-    await echo_stage(run.settings, run.workdir, report)
-    await taskring_stages(run.settings, run.server_env, run.workdir, run.profiler, report)
-    await run_celery(run, report)
+    """The chosen stages in order; one server at a time, so they never compete for the CPU."""
+    stages = run.args.stages
+    if "echo" in stages:
+        await echo_stage(run.settings, run.workdir, report)
+    if "taskring" in stages:
+        await taskring_stages(run.settings, run.server_env, run.workdir, run.profiler, report)
+    if "observability" in stages:
+        rounds = run.args.observability_rounds
+        await observability_stage(run.settings, run.server_env, run.workdir, report, rounds)
+    if "celery" in stages:
+        await run_celery(run, report)
 
 
 async def main_async(run: Run, report: Report) -> None:
@@ -230,6 +243,16 @@ async def main_async(run: Run, report: Report) -> None:
         report.failure = f"{type(exc).__name__}: {exc}"
     for label, path in run.profiler.files.items():
         report.profiles[label] = hot_spots(read_text(path), run.args.profile_top)
+
+
+STAGES = ("echo", "taskring", "observability", "celery")
+
+
+def stage_set(text: str) -> tuple[str, ...]:
+    chosen = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not chosen or set(chosen) - set(STAGES):
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(STAGES)}: {text!r}")
+    return chosen
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -296,6 +319,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="skip Celery when less than this is left of --max-seconds",
     )
     p.add_argument("--no-celery", action="store_true", help="skip the Celery baseline")
+    p.add_argument(
+        "--stages",
+        type=stage_set,
+        default=STAGES,
+        help="which stages to run, of " + ",".join(STAGES),
+    )
+    p.add_argument(
+        "--observability-rounds",
+        type=int,
+        default=2,
+        help="Submit loads without, then with, metrics + tracing (each round one of each)",
+    )
     p.add_argument("--quick", action="store_true", help="small loads: a smoke run")
     p.add_argument(
         "--quiet-wait",

@@ -1,4 +1,4 @@
-"""The `taskring` command line: submit, get, cancel, list and watch tasks.
+"""The `taskring` command line: submit, get, cancel, list and watch tasks; stats of them.
 
 Exit codes, so scripts can branch on the outcome of `watch` and `submit --watch`:
 0 done (the task SUCCEEDED), 1 the task FAILED, 2 it was CANCELLED, 3 a call failed with a
@@ -11,12 +11,13 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC
 from typing import Any, NoReturn, TextIO
 
-from google.protobuf import json_format
+from google.protobuf import duration_pb2, json_format
 
 from ._client import (
     DEFAULT_CHAT_MODEL,
@@ -180,6 +181,27 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     backends.set_defaults(run=_backends)
     backends.add_argument("--json", action="store_true", help="print them as JSON")
 
+    stats = commands.add_parser(
+        "stats", help="queue depth, success rates, run times, tokens and cost of your tasks"
+    )
+    stats.set_defaults(run=_stats)
+    stats.add_argument(
+        "--type",
+        dest="types",
+        action="append",
+        default=[],
+        metavar="TYPE",
+        help="only tasks of this type (repeatable)",
+    )
+    stats.add_argument(
+        "--window",
+        dest="window_s",
+        type=_window,
+        metavar="DURATION",
+        help="tasks created within this long before now: 90s, 15m, 1h, 2d (default: 1h)",
+    )
+    stats.add_argument("--json", action="store_true", help="print the StatsResponse as JSON")
+
     watch = commands.add_parser("watch", help="follow a task until it finishes")
     watch.set_defaults(run=_watch)
     watch.add_argument("task_id", metavar="ID")
@@ -194,6 +216,20 @@ def _json_object(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(f"not JSON: {err}") from err
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+_WINDOW = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhd]?)")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _window(text: str) -> float:
+    """`--window`: a number of seconds, minutes, hours or days ("90s", "15m", "1h", "2d";
+    bare: seconds). The upper bound is the server's to state."""
+    match = _WINDOW.fullmatch(text.strip().lower())
+    value = float(match[1]) * _UNIT_S[match[2]] if match else 0.0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration like 90s, 15m, 1h")
     return value
 
 
@@ -281,6 +317,120 @@ def format_error(err: TaskringError) -> str:
     return "\n".join(lines)
 
 
+def _align(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> str:
+    """Rows as columns two spaces apart; the columns in `right` (numbers) right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    )
+
+
+def format_duration(seconds: float) -> str:
+    """A run time at a glance: "0.4ms", "385ms", "1.23s", "2m05s", "1h20m"."""
+    if seconds < 0.01:
+        return f"{seconds * 1000:.1f}ms"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.2f}s"
+    whole = round(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def format_window(seconds: float) -> str:
+    """A window as the user would have typed it: "1h", "15m", "2d", "90s"."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+_PRIORITIES_HIGH_FIRST = (
+    tasks_pb2.PRIORITY_URGENT,
+    tasks_pb2.PRIORITY_HIGH,
+    tasks_pb2.PRIORITY_NORMAL,
+    tasks_pb2.PRIORITY_LOW,
+)
+
+
+def format_stats(stats: tasks_pb2.StatsResponse) -> str:
+    """A summary line, a row per task type and backend, and the queue by state and priority.
+
+    tasks of anonymous created in the last 1h: 3 (2 succeeded, 1 failed)
+
+    TYPE  BACKEND  DONE   OK %    P50    P99  ATTEMPTS  TOKENS IN  TOKENS OUT     COST
+    chat  local-1     3  66.7%  120ms  1.20s      1.33         42          17  $0.0021
+
+    queue now: 1 queued
+    STATE   URGENT  HIGH  NORMAL  LOW  TOTAL
+    QUEUED       0     0       1    0      1
+    """
+    window = format_window(stats.window.ToTimedelta().total_seconds())
+    by_state: dict[tasks_pb2.TaskState.ValueType, int] = {}
+    for count in stats.window_counts:
+        by_state[count.state] = by_state.get(count.state, 0) + count.count
+    created = sum(by_state.values())
+    summary = f"tasks of {stats.client_id or 'every client'} created in the last {window}:"
+    summary += f" {created}"
+    if by_state:
+        parts = (f"{n} {state_name(state).lower()}" for state, n in sorted(by_state.items()))
+        summary += f" ({', '.join(parts)})"
+    lines = [summary, ""]
+
+    if stats.groups:
+        header = ("TYPE", "BACKEND", "DONE", "OK %", "P50", "P99", "ATTEMPTS")
+        rows: list[tuple[str, ...]] = [(*header, "TOKENS IN", "TOKENS OUT", "COST")]
+        rows += [_group_row(group) for group in stats.groups]
+        lines.append(_align(rows, right=frozenset(range(2, 10))))
+    else:
+        lines.append("no finished tasks in the window")
+
+    depth = {(c.state, c.priority): c.count for c in stats.queue_depth}
+    queue_states = (tasks_pb2.TASK_STATE_QUEUED, tasks_pb2.TASK_STATE_RUNNING)
+    totals = {s: sum(n for (state, _), n in depth.items() if state == s) for s in queue_states}
+    lines.append("")
+    if not any(totals.values()):
+        lines.append("queue now: empty")
+        return "\n".join(lines)
+    lines.append(
+        "queue now: " + ", ".join(f"{totals[s]} {state_name(s).lower()}" for s in queue_states)
+    )
+    priority_names = [
+        tasks_pb2.Priority.Name(p).removeprefix("PRIORITY_") for p in _PRIORITIES_HIGH_FIRST
+    ]
+    queue_rows: list[tuple[str, ...]] = [("STATE", *priority_names, "TOTAL")]
+    for state in queue_states:
+        counts = [str(depth.get((state, p), 0)) for p in _PRIORITIES_HIGH_FIRST]
+        queue_rows.append((state_name(state), *counts, str(totals[state])))
+    lines.append(_align(queue_rows, right=frozenset(range(1, 6))))
+    return "\n".join(lines)
+
+
+def _group_row(group: tasks_pb2.TaskGroupStats) -> tuple[str, ...]:
+    def run_time(value: duration_pb2.Duration) -> str:
+        return format_duration(value.ToTimedelta().total_seconds())
+
+    timed = group.duration_samples > 0
+    return (
+        group.task_type,
+        group.backend or "-",  # never ran: cancelled or expired while queued
+        str(group.finished),
+        f"{group.success_rate:.1%}" if group.succeeded + group.failed else "-",
+        run_time(group.duration_p50) if timed else "-",
+        run_time(group.duration_p99) if timed else "-",
+        f"{group.mean_attempts:.2f}",
+        f"{group.input_tokens:,}",
+        f"{group.output_tokens:,}",
+        f"${group.cost_usd:,.4f}",
+    )
+
+
 def format_table(tasks: Sequence[tasks_pb2.Task]) -> str:
     """Tasks as aligned columns: id, type, state, attempt, backend, created (UTC)."""
     rows = [("ID", "TYPE", "STATE", "ATTEMPT", "BACKEND", "CREATED")]
@@ -291,11 +441,7 @@ def format_table(tasks: Sequence[tasks_pb2.Task]) -> str:
         task_type = task.spec.type or task.spec.WhichOneof("input") or "-"
         row = (task.id, task_type, state_name(task.state), str(task.attempt))
         rows.append((*row, task.backend or "-", created))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
+    return _align(rows)
 
 
 def format_backends(members: Sequence[admin_pb2.BackendStatus]) -> str:
@@ -317,11 +463,7 @@ def format_backends(members: Sequence[admin_pb2.BackendStatus]) -> str:
                 takes,
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
+    return _align(rows)
 
 
 class WatchPrinter:
@@ -400,17 +542,30 @@ class WatchPrinter:
 
 
 def _submit(client: TaskringClient, args: argparse.Namespace) -> int:
+    if args.watch and not args.json:
+        return _submit_and_follow(client, spec_from_args(args))
     response = client.submit(spec_from_args(args))
     if not response.created:
         print("an earlier submit with this idempotency key made it", file=sys.stderr)
     if args.json:
         print(json_format.MessageToJson(response))
-    elif args.watch:
-        print(f"submitted {response.task.id}", file=sys.stderr)
-        return _follow(client, response.task.id, 0)
     else:
         print(response.task.id)
     return EXIT_SUCCEEDED
+
+
+def _submit_and_follow(client: TaskringClient, spec: tasks_pb2.TaskSpec) -> int:
+    """`submit --watch`: one SubmitAndStream call, so the first token comes a round trip
+    sooner than Submit then Stream."""
+    printer = WatchPrinter(sys.stdout, sys.stderr)
+    for response in client.submit_and_watch(spec):
+        if printer.task is None:
+            if not response.created:
+                print("an earlier submit with this idempotency key made it", file=sys.stderr)
+            print(f"submitted {response.event.snapshot.id}", file=sys.stderr)
+        printer.handle(response.event)
+    assert printer.task is not None, "watch ends only after an event carrying the final task"
+    return exit_code_for(printer.task.state)
 
 
 def _get(client: TaskringClient, args: argparse.Namespace) -> int:
@@ -446,6 +601,15 @@ def _backends(client: TaskringClient, args: argparse.Namespace) -> int:
             print(json_format.MessageToJson(member, indent=None))
         return EXIT_SUCCEEDED
     print(format_backends(members))
+    return EXIT_SUCCEEDED
+
+
+def _stats(client: TaskringClient, args: argparse.Namespace) -> int:
+    stats = client.stats(args.types, args.window_s)
+    if args.json:
+        print(json_format.MessageToJson(stats))
+    else:
+        print(format_stats(stats))
     return EXIT_SUCCEEDED
 
 

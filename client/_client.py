@@ -8,6 +8,7 @@ wait. Every gRPC failure leaves them as a `TaskringError` (see `_errors`).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncGenerator, Generator, Iterable, Mapping, Sequence
 from contextlib import aclosing, closing
@@ -131,6 +132,17 @@ def _list_request(
     return tasks_pb2.ListRequest(
         states=states, types=types, page_size=page_size, page_token=page_token
     )
+
+
+def _stats_request(types: Iterable[str], window_s: float | None) -> tasks_pb2.StatsRequest:
+    window = None
+    if window_s is not None:
+        if not math.isfinite(window_s):
+            raise ValueError(f"window_s must be a finite number of seconds, not {window_s}")
+        # Otherwise passed on as is: the server names the field when it is out of range.
+        window = duration_pb2.Duration()
+        window.FromNanoseconds(round(window_s * 1e9))
+    return tasks_pb2.StatsRequest(types=types, window=window)
 
 
 # --- streams -----------------------------------------------------------------------------
@@ -302,6 +314,14 @@ class AsyncTaskringClient:
         request = _list_request(states, types, page_size, page_token)
         return await self._call(self._stub.List, request)
 
+    async def stats(
+        self, types: Iterable[str] = (), window_s: float | None = None
+    ) -> tasks_pb2.StatsResponse:
+        """The caller's queue depth now and, for its tasks created within the last
+        `window_s` seconds (None: the server's default, an hour), counts, success rates,
+        run-time percentiles, attempts, tokens and cost per task type and backend."""
+        return await self._call(self._stub.Stats, _stats_request(types, window_s))
+
     async def list_backends(self) -> tuple[admin_pb2.BackendStatus, ...]:
         """The ring's members with load, health and circuit state (AdminService)."""
         response = await self._call(self._admin.ListBackends, admin_pb2.ListBackendsRequest())
@@ -337,6 +357,42 @@ class AsyncTaskringClient:
         finally:
             # The consumer may stop early: end the RPC rather than leave it open.
             call.cancel()
+
+    async def submit_and_watch(
+        self,
+        spec: tasks_pb2.TaskSpec,
+        *,
+        resume_delays_s: Sequence[float] = DEFAULT_RESUME_DELAYS_S,
+    ) -> AsyncGenerator[tasks_pb2.SubmitAndStreamResponse]:
+        """Submits `spec` and follows the task to its end in one call (SubmitAndStream): the
+        first event is the stored task's snapshot. A break after it resumes with Stream as
+        `watch` does; a break before it raises, as the task may or may not exist (submit
+        with an idempotency key to retry safely)."""
+        request = tasks_pb2.SubmitAndStreamRequest(task=spec)
+        call = self._stub.SubmitAndStream(request, metadata=self._metadata)
+        first: tasks_pb2.SubmitAndStreamResponse | None = None
+        resumer = _Resumer(0, resume_delays_s)
+        try:
+            async for response in call:
+                first = first or response
+                if resumer.accept(response.event):
+                    yield response
+                if resumer.finished:
+                    return
+        except grpc.RpcError as err:
+            error = error_from_rpc(err)
+            if first is None or not isinstance(error, UnavailableError):
+                raise error from err
+        finally:
+            call.cancel()
+        if first is None:
+            raise resumer.ended_early()
+        task_id, created = first.event.snapshot.id, first.created
+        async with aclosing(
+            self.watch(task_id, resumer.after_sequence, resume_delays_s=resume_delays_s)
+        ) as events:
+            async for event in events:
+                yield tasks_pb2.SubmitAndStreamResponse(created=created, event=event)
 
     async def watch(
         self,
@@ -458,6 +514,12 @@ class TaskringClient:
         """One page of the caller's tasks, newest first."""
         return self._call(self._stub.List, _list_request(states, types, page_size, page_token))
 
+    def stats(
+        self, types: Iterable[str] = (), window_s: float | None = None
+    ) -> tasks_pb2.StatsResponse:
+        """The caller's queue depth and per type and backend figures (see the async client)."""
+        return self._call(self._stub.Stats, _stats_request(types, window_s))
+
     def list_backends(self) -> tuple[admin_pb2.BackendStatus, ...]:
         """The ring's members with load, health and circuit state (AdminService)."""
         return tuple(self._call(self._admin.ListBackends, admin_pb2.ListBackendsRequest()).backends)
@@ -490,6 +552,39 @@ class TaskringClient:
         finally:
             # The consumer may stop early: end the RPC rather than leave it open.
             call.cancel()
+
+    def submit_and_watch(
+        self,
+        spec: tasks_pb2.TaskSpec,
+        *,
+        resume_delays_s: Sequence[float] = DEFAULT_RESUME_DELAYS_S,
+    ) -> Generator[tasks_pb2.SubmitAndStreamResponse]:
+        """As AsyncTaskringClient.submit_and_watch."""
+        request = tasks_pb2.SubmitAndStreamRequest(task=spec)
+        call = self._stub.SubmitAndStream(request, metadata=self._metadata)
+        first: tasks_pb2.SubmitAndStreamResponse | None = None
+        resumer = _Resumer(0, resume_delays_s)
+        try:
+            for response in call:
+                first = first or response
+                if resumer.accept(response.event):
+                    yield response
+                if resumer.finished:
+                    return
+        except grpc.RpcError as err:
+            error = error_from_rpc(err)
+            if first is None or not isinstance(error, UnavailableError):
+                raise error from err
+        finally:
+            call.cancel()
+        if first is None:
+            raise resumer.ended_early()
+        task_id, created = first.event.snapshot.id, first.created
+        with closing(
+            self.watch(task_id, resumer.after_sequence, resume_delays_s=resume_delays_s)
+        ) as events:
+            for event in events:
+                yield tasks_pb2.SubmitAndStreamResponse(created=created, event=event)
 
     def watch(
         self,

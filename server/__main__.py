@@ -58,7 +58,7 @@ def main() -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    return process.run(serve(settings), settings.server.log_level)
+    return process.run(serve(settings), settings.server.log_level, settings.server.log_format)
 
 
 if __name__ == "__main__":

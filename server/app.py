@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from types import TracebackType
 
 from grpc_health.v1 import health
+from opentelemetry.trace import TracerProvider
 
 from .api.admin import AdminServicer
 from .api.server import LIVENESS_SERVICE, NOT_SERVING, READINESS_SERVICE, SERVING, build_server
@@ -25,7 +26,10 @@ from .dispatch.dispatcher import Dispatcher, DispatchSettings
 from .dispatch.members import Members
 from .events.hub import EventHub
 from .events.recorder import ChangeRecorder
+from .housekeeping import Housekeeper
 from .model.errors import StoreError
+from .observability.metrics import NO_METRICS, Metrics, MetricsEndpoint, PrometheusMetrics, Sources
+from .observability.tracing import TaskSpans, tracer_for
 from .store.sqlite import SqliteTaskStore
 from .tasks import TaskManager
 from .tasktypes import TaskTypes
@@ -55,7 +59,10 @@ class App:
         clock: Clock | None = None,
         dispatch: DispatchSettings | None = None,
         circuit: CircuitSettings | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
+        """`tracer_provider` replaces the global one process.run installs (tests pass their
+        own); tracing is off when neither exists."""
         self.settings = settings
         self.clock = clock or SystemClock()
         # Raises TaskTypeConfigError naming each problem: a bad handler fails the start.
@@ -69,7 +76,15 @@ class App:
             else configured_backends(settings, handlers, os.environ)
         )
         self.store = SqliteTaskStore(settings.store.sqlite_path, settings.store.sqlite_synchronous)
+        tracer = tracer_for(tracer_provider)
         self.hub = EventHub()
+        # Metrics turned off record nothing, rather than count what nobody can read.
+        prometheus = (
+            PrometheusMetrics(known_types=lambda: self.dispatcher.task_types)
+            if settings.server.metrics_listen
+            else None
+        )
+        self.metrics: Metrics = prometheus or NO_METRICS
         recorder = ChangeRecorder(self.store, self.hub)
         weights = {spec.name: spec.weight for spec in settings.file.backends}
         members = Members(
@@ -84,6 +99,8 @@ class App:
             members,
             self.clock,
             dispatch or DispatchSettings(),
+            metrics=self.metrics,
+            spans=None if tracer is None else TaskSpans(tracer),
         )
         self.tasks = TaskManager(
             self.store,
@@ -100,8 +117,23 @@ class App:
             members, lambda spec: build_backend(spec, handlers, os.environ, settings.file)
         )
         self.admin.specs.update({spec.name: spec for spec in settings.file.backends})
-        self.server = build_server(TaskServicer(self.tasks), self.health, self.admin)
+        self.server = build_server(
+            TaskServicer(self.tasks, self.metrics), self.health, self.admin, tracer
+        )
         self.port = 0
+        self.metrics_endpoint: MetricsEndpoint | None = None
+        if prometheus is not None:
+            prometheus.read_from(
+                Sources(
+                    active=self.dispatcher.active,
+                    members=members.views,
+                    watchers=lambda: self.hub.statistics()["watchers"],
+                    queue_depth=self.store.queue_depth,
+                )
+            )
+            self.metrics_endpoint = MetricsEndpoint(prometheus, settings.server.metrics_listen)
+        self.metrics_port = 0  # the bound metrics port (TASKRING_METRICS_LISTEN=...:0)
+        self.housekeeper = Housekeeper(self.store, self.hub, self.clock, settings.store.retention_s)
         self._store_check: asyncio.Task[None] | None = None
         self._stopped = False
 
@@ -109,6 +141,9 @@ class App:
         # The port first: a second server started by mistake fails here, before it touches
         # the store.
         self.port = self.server.add_insecure_port(self.settings.server.listen)
+        if self.metrics_endpoint is not None:
+            await self.metrics_endpoint.start()
+            self.metrics_port = self.metrics_endpoint.port
         await self.store.start()
         await self.dispatcher.start()
         self.dispatcher.members.start()
@@ -116,6 +151,7 @@ class App:
         await self.health.set(LIVENESS_SERVICE, SERVING)
         await self.health.set(READINESS_SERVICE, SERVING)
         self._store_check = asyncio.create_task(self._watch_store(), name="store-check")
+        self.housekeeper.start()
 
     @property
     def address(self) -> str:
@@ -149,10 +185,13 @@ class App:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._store_check
         await self.health.set(READINESS_SERVICE, NOT_SERVING)
+        await self.housekeeper.stop()
         self.tasks.stop_accepting()
         await self.dispatcher.shutdown(grace)
         self.hub.close()
         await self.server.stop(grace)
+        if self.metrics_endpoint is not None:  # scrapes read the store: stopped before it
+            await self.metrics_endpoint.stop()
         await self.store.close()
         await self.dispatcher.members.close()
         await self.task_types.aclose()

@@ -14,12 +14,23 @@ variable and raises one ConfigError that names each bad variable and value.
     TASKRING_DEFAULT_TIMEOUT_S      deadline of a task that sets none  600
     TASKRING_MAX_TIMEOUT_S          longest timeout a task may ask     86400
     TASKRING_DEFAULT_MAX_ATTEMPTS   attempts of a task that sets none  3
+    TASKRING_RETENTION_S            finished tasks older than this    604800 (7 days)
+                                    are deleted; 0 keeps them for ever
     TASKRING_LOG_LEVEL              DEBUG | INFO | WARNING | ERROR     INFO
+    TASKRING_LOG_FORMAT             json (one object per line) | text  json
+    OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT, ...             off
+                                    traces: the standard variables, read at start-up
+                                    (server/observability/tracing.py); router and executor
     TASKRING_CONFIG                 TOML file: ring members, routing,  (none)
                                     prices, custom task types (server/config_file.py)
+    TASKRING_METRICS_LISTEN         host:port of the Prometheus        127.0.0.1:9464
+                                    endpoint (/metrics); empty or
+                                    `off` turns metrics off
 
 The executor process (`taskring-executor`) reads TASKRING_LOCAL_TOKEN_DELAY_S,
-TASKRING_SHUTDOWN_GRACE_S, TASKRING_LOG_LEVEL, TASKRING_CONFIG (for its task types) and:
+TASKRING_SHUTDOWN_GRACE_S, TASKRING_LOG_LEVEL, TASKRING_LOG_FORMAT, TASKRING_CONFIG (for its
+task types), TASKRING_METRICS_LISTEN (default 127.0.0.1:9465, beside a router on the same
+host; containers set 0.0.0.0:9464) and:
 
     TASKRING_EXECUTOR_LISTEN        host:port to serve on             127.0.0.1:50061
     TASKRING_EXECUTOR_MAX_CONCURRENCY  attempts it runs at once        64
@@ -51,14 +62,21 @@ class ServerSettings:
     listen: str = "127.0.0.1:50051"
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
+    log_format: str = "json"
     # How often readiness re-checks that the store answers.
     store_check_interval_s: float = 2.0
+    # host:port of the Prometheus endpoint; "" when metrics are off. Off unless asked for
+    # (from_env asks for 127.0.0.1:9464): servers built in code, as tests build them, must
+    # not contend for one fixed port.
+    metrics_listen: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
     url: str = "sqlite:///taskring.db"
     sqlite_synchronous: str = "FULL"
+    # Finished tasks older than this (by their end) are deleted; 0 keeps every task.
+    retention_s: float = 7 * 86400.0
 
     @property
     def sqlite_path(self) -> str:
@@ -97,6 +115,8 @@ class Settings:
                 listen=reader.get("TASKRING_LISTEN", "127.0.0.1:50051", _host_port),
                 shutdown_grace_s=reader.get("TASKRING_SHUTDOWN_GRACE_S", 10.0, _non_negative),
                 log_level=reader.get("TASKRING_LOG_LEVEL", "INFO", _one_of(LOG_LEVELS)),
+                log_format=reader.get("TASKRING_LOG_FORMAT", "json", _log_format),
+                metrics_listen=_metrics_listen(env, reader),
             ),
             store=StoreSettings(
                 url=reader.get("TASKRING_STORE", "sqlite:///taskring.db", _store_url),
@@ -105,6 +125,7 @@ class Settings:
                     "FULL",
                     _one_of(("OFF", "NORMAL", "FULL", "EXTRA")),
                 ),
+                retention_s=reader.get("TASKRING_RETENTION_S", 7 * 86400.0, _non_negative),
             ),
             local=LocalExecutorSettings(
                 count=reader.get("TASKRING_LOCAL_EXECUTORS", 3, _positive_int),
@@ -144,6 +165,9 @@ class ExecutorSettings:
     token_delay_s: float = 0.02
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
+    log_format: str = "json"
+    # As ServerSettings.metrics_listen: from_env's default is 127.0.0.1:9465.
+    metrics_listen: str = ""
     file: FileConfig = field(default_factory=FileConfig)
 
     @classmethod
@@ -155,6 +179,8 @@ class ExecutorSettings:
             token_delay_s=reader.get("TASKRING_LOCAL_TOKEN_DELAY_S", 0.02, _non_negative),
             shutdown_grace_s=reader.get("TASKRING_SHUTDOWN_GRACE_S", 10.0, _non_negative),
             log_level=reader.get("TASKRING_LOG_LEVEL", "INFO", _one_of(LOG_LEVELS)),
+            log_format=reader.get("TASKRING_LOG_FORMAT", "json", _log_format),
+            metrics_listen=_metrics_listen(env, reader, EXECUTOR_METRICS_LISTEN),
         )
         config_path = env.get("TASKRING_CONFIG", "")
         if config_path:
@@ -218,11 +244,36 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
+def _log_format(raw: str) -> str:
+    if raw.lower() not in ("json", "text"):
+        raise ValueError("expected json or text")
+    return raw.lower()
+
+
 def _host_port(raw: str) -> str:
     host, sep, port = raw.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ValueError("expected host:port, e.g. 127.0.0.1:50051 or [::1]:50051")
     return raw
+
+
+ROUTER_METRICS_LISTEN = "127.0.0.1:9464"
+# Not the router's: `make run` and an executor started beside it must not clash.
+EXECUTOR_METRICS_LISTEN = "127.0.0.1:9465"
+
+
+def _metrics_listen(
+    env: Mapping[str, str], reader: _Reader, default: str = ROUTER_METRICS_LISTEN
+) -> str:
+    """TASKRING_METRICS_LISTEN: host:port, or "" for off. Unlike other variables an empty
+    value is not the default: `TASKRING_METRICS_LISTEN=` is how a shell says "none"."""
+    if env.get("TASKRING_METRICS_LISTEN") == "":
+        return ""
+    return reader.get("TASKRING_METRICS_LISTEN", default, _host_port_or_off)
+
+
+def _host_port_or_off(raw: str) -> str:
+    return "" if raw.lower() == "off" else _host_port(raw)
 
 
 def _store_url(raw: str) -> str:

@@ -181,9 +181,9 @@ def _backend(entry: dict[str, Any], where: str, problems: _Problems) -> BackendS
     problems.check(kind in KINDS, f"{where}.kind", f"must be one of {', '.join(KINDS)}")
     types = entry.get("task_types", sorted(PROVIDER_TYPES.get(str(kind), {"chat", "embed"})))
     problems.check(
-        isinstance(types, list) and bool(types) and all(isinstance(t, str) for t in types),
+        isinstance(types, list) and bool(types) and all(isinstance(t, str) and t for t in types),
         f"{where}.task_types",
-        "must be a non-empty list of task type names",
+        "must be a non-empty list of non-empty task type names",
     )
     if kind in PROVIDER_TYPES and isinstance(types, list):
         extra = set(types) - PROVIDER_TYPES[str(kind)]

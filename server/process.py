@@ -1,23 +1,41 @@
-"""What the router and executor commands share: logging set up, then the event loop."""
+"""What the router and executor commands share: logs and traces set up, then the event
+loop."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sys
+import os
 from collections.abc import Coroutine
 from typing import Any
 
+from server.observability import logs, tracing
 
-def run(serve: Coroutine[Any, Any, int], log_level: str) -> int:
-    """Runs `serve` on uvloop (asyncio's own loop where uvloop is missing); its exit code."""
-    logging.basicConfig(
-        level=log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+
+def run(
+    serve: Coroutine[Any, Any, int],
+    log_level: str,
+    log_format: str = "json",
+    service_name: str = tracing.ROUTER_SERVICE,
+) -> int:
+    """Runs `serve` on uvloop (asyncio's own loop where uvloop is missing); its exit code.
+
+    Logs go to stderr in `log_format`; traces go where the OTEL_* variables say (nowhere
+    by default), as `service_name` unless OTEL_SERVICE_NAME names it."""
+    logs.configure(log_level, log_format)
+    logs.SECRETS.add_from_env(os.environ)
     try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(serve)
-    return uvloop.run(serve)
+        provider = tracing.configure(os.environ, service_name)
+    except tracing.TracingConfigError as exc:
+        serve.close()  # never started
+        logging.getLogger("taskring").error("%s", exc)
+        return 2
+    try:
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.run(serve)
+        return uvloop.run(serve)
+    finally:
+        if provider is not None:
+            provider.shutdown()  # exports the spans still batched

@@ -6,9 +6,9 @@ import asyncio
 import base64
 import binascii
 import functools
-from collections.abc import AsyncGenerator, Callable, Mapping, Set
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence, Set
 
-from .admission.validate import validate_spec
+from .admission.validate import reportable, validate_spec
 from .clock import Clock
 from .config import TaskLimits
 from .dispatch.dispatcher import Dispatcher
@@ -18,17 +18,23 @@ from .model import states
 from .model.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
+    FieldViolation,
     InvalidArgumentError,
     NotFoundError,
     UnavailableError,
 )
 from .model.ids import UuidV7Factory
+from .model.stats import StatsReport
 from .model.task import Task, TaskSpec, TaskState
-from .store.base import ListQuery, TaskStore
+from .store.base import ListQuery, StatsQuery, TaskStore
 from .tasktypes import TaskType
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+DEFAULT_STATS_WINDOW_S = 3600.0
+# Bounds the rows one Stats call aggregates (the window query reads each task in it).
+MAX_STATS_WINDOW_S = 7 * 86400.0
+MAX_STATS_TYPES = 100
 
 
 class TaskManager:
@@ -75,6 +81,8 @@ class TaskManager:
         )
         started = self._dispatcher.start_at_submit(task, now)
         creation = asyncio.ensure_future(self._store.create(started or task))
+        if started is not None and not spec.idempotency_key:
+            self._dispatcher.start_early(started)
         # Settled from the write itself, like every change (see ChangeRecorder): a Submit
         # whose caller went away mid-commit still publishes its task and hands it over.
         creation.add_done_callback(functools.partial(self._settle, task, started))
@@ -133,6 +141,39 @@ class TaskManager:
         page = await self._store.list_page(query)
         token = "" if page.next_cursor is None else _encode_page_token(page.next_cursor)
         return page.tasks, token
+
+    async def stats(
+        self, client_id: str | None, types: Sequence[str], window_s: float | None
+    ) -> StatsReport:
+        """The queue now and the tasks created within the last `window_s` (None: an hour).
+
+        `client_id` None counts every client's tasks: for an admin caller once API keys
+        exist. Until then the servicer always passes the caller's own id.
+        """
+        problems: list[FieldViolation] = []
+        if window_s is None:
+            window_s = DEFAULT_STATS_WINDOW_S
+        elif not 0 < window_s <= MAX_STATS_WINDOW_S:
+            problems.append(
+                FieldViolation(
+                    "window",
+                    f"must be positive and at most {MAX_STATS_WINDOW_S:.0f}s (7 days);"
+                    " leave it unset for the last hour",
+                )
+            )
+        if len(types) > MAX_STATS_TYPES:
+            problems.append(FieldViolation("types", f"at most {MAX_STATS_TYPES} types"))
+        problems += [
+            FieldViolation(f"types[{i}]", "must not be empty; omit it to count every type")
+            for i, task_type in enumerate(types)
+            if not task_type
+        ]
+        if problems:  # a thousand empty types must not make a thousand violations
+            raise InvalidArgumentError(reportable(problems, "types"))
+        now = self._clock.now()
+        query = StatsQuery(client_id, created_after=now - window_s, types=frozenset(types))
+        stats = await self._store.stats(query)
+        return StatsReport(client_id or "", window_s, now, stats)
 
     async def cancel(self, client_id: str, task_id: str) -> Task:
         task = await self.get(client_id, task_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -38,6 +39,7 @@ def make_settings(db: Path, store_check_interval_s: float = 2.0, **local: float)
             listen="127.0.0.1:0",
             shutdown_grace_s=0.5,
             store_check_interval_s=store_check_interval_s,
+            metrics_listen="127.0.0.1:0",  # a free port each: servers run side by side
         ),
         store=StoreSettings(url=f"sqlite:///{db}"),
         local=LocalExecutorSettings(
@@ -181,14 +183,20 @@ class ServerProcess:
 
 def spawn_server(db: Path, **env: str) -> ServerProcess:
     """`python -m server` on a free loopback port; waits for its 'listening on' line."""
+    return spawn_server_logging(db, None, env)
+
+
+def spawn_server_logging(db: Path, stderr: Path | None, env: Mapping[str, str]) -> ServerProcess:
+    """`spawn_server`, with the server's log (its stderr) written to the file `stderr`."""
     full_env = {
         **os.environ,
         "TASKRING_LISTEN": "127.0.0.1:0",
         "TASKRING_STORE": f"sqlite:///{db}",
         "TASKRING_LOCAL_TOKEN_DELAY_S": "0",
+        "TASKRING_METRICS_LISTEN": "127.0.0.1:0",
         **env,
     }
-    return _spawn("server", full_env)
+    return _spawn("server", full_env, stderr)
 
 
 def spawn_executor(listen: str = "127.0.0.1:0", **env: str) -> ServerProcess:
@@ -198,20 +206,23 @@ def spawn_executor(listen: str = "127.0.0.1:0", **env: str) -> ServerProcess:
         "TASKRING_EXECUTOR_LISTEN": listen,
         "TASKRING_LOCAL_TOKEN_DELAY_S": "0",
         "TASKRING_SHUTDOWN_GRACE_S": "1",
+        "TASKRING_METRICS_LISTEN": "127.0.0.1:0",
         **env,
     }
     return _spawn("server.executor", full_env)
 
 
-def _spawn(module: str, env: dict[str, str]) -> ServerProcess:
-    process = subprocess.Popen(
-        [sys.executable, "-m", module],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+def _spawn(module: str, env: dict[str, str], stderr: Path | None = None) -> ServerProcess:
+    with contextlib.ExitStack() as files:
+        log = files.enter_context(stderr.open("w")) if stderr is not None else None
+        process = subprocess.Popen(
+            [sys.executable, "-m", module],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=log or subprocess.DEVNULL,  # the child has its own copy of the file
+            text=True,
+        )
     assert process.stdout is not None
     line = process.stdout.readline()  # bounded by the test's timeout
     if "listening on" not in line:

@@ -17,6 +17,15 @@ MAX_TEXT_CHARS = 1_000_000
 MAX_EMBED_TEXTS = 2048
 MAX_KEY_CHARS = 256
 MAX_LABELS = 64
+# A rejection travels in trailers (grpc-message, and the BadRequest detail): past 8 KiB a
+# grpc client drops them at random, past 16 KiB always, and then reports RESOURCE_EXHAUSTED
+# instead of the violations. So values the client sent are echoed clipped, and a rejection
+# lists violations up to a byte budget (a few KiB on the wire even when every char is
+# non-ASCII and percent-encoded).
+MAX_ECHO_CHARS = 32
+MAX_FIELD_CHARS = 80
+MAX_DESCRIPTION_CHARS = 160
+MAX_REPORT_BYTES = 1024
 
 _Bad = Callable[[str, str], None]
 
@@ -37,7 +46,8 @@ def validate_spec(
 
     if spec.type not in known_types:
         bad(
-            "task.type", f"unknown task type {spec.type!r}; known: {', '.join(sorted(known_types))}"
+            "task.type",
+            f"unknown task type {shown(spec.type)}; known: {', '.join(sorted(known_types))}",
         )
     expected = {CHAT: ChatInput, EMBED: EmbedInput}.get(spec.type, CustomInput)
     if not isinstance(spec.input, expected):
@@ -53,8 +63,37 @@ def validate_spec(
     max_attempts = spec.max_attempts or limits.default_max_attempts
     _check_limits(spec, timeout_s, max_attempts, limits, bad)
     if problems:
-        raise InvalidArgumentError(problems)
+        raise InvalidArgumentError(reportable(problems))
     return replace(spec, timeout_s=timeout_s, max_attempts=max_attempts)
+
+
+def reportable(problems: list[FieldViolation], whole: str = "task") -> list[FieldViolation]:
+    """The violations to send: each clipped, the first ones up to MAX_REPORT_BYTES, then
+    one on `whole` (the request's field they are all in) saying how many more there are."""
+    kept: list[FieldViolation] = []
+    used = 0
+    for problem in problems:
+        clipped = FieldViolation(
+            clip(problem.field, MAX_FIELD_CHARS), clip(problem.description, MAX_DESCRIPTION_CHARS)
+        )
+        size = len(clipped.field.encode()) + len(clipped.description.encode())
+        if kept and used + size > MAX_REPORT_BYTES:
+            more = len(problems) - len(kept)
+            kept.append(FieldViolation(whole, f"{more} more problems not listed: fix these first"))
+            break
+        kept.append(clipped)
+        used += size
+    return kept
+
+
+def shown(value: str) -> str:
+    """A client's value as an error message quotes it: repr, clipped."""
+    return repr(clip(value, MAX_ECHO_CHARS))
+
+
+def clip(text: str, most: int) -> str:
+    """`text`, cut to at most `most` characters (an ellipsis marks the cut)."""
+    return text if len(text) <= most else text[: most - 1] + "…"
 
 
 def _check_limits(
@@ -75,7 +114,7 @@ def _check_limits(
     for key, value in spec.labels.items():
         if not key or len(key) > MAX_KEY_CHARS or len(value) > MAX_KEY_CHARS:
             bad(
-                f"task.labels[{key!r}]",
+                f"task.labels[{shown(key)}]",
                 f"keys must be non-empty; keys and values at most {MAX_KEY_CHARS} characters",
             )
 

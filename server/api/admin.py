@@ -8,13 +8,16 @@ import grpc
 
 from client._proto.taskring.v1 import admin_pb2 as apb
 from client._proto.taskring.v1 import admin_pb2_grpc
+from server.admission.validate import clip, reportable, shown
 from server.api.convert import timestamp_to_pb
+from server.api.status import to_status
 from server.backends.base import Backend
 from server.backends.factory import close_backend
 from server.backends.remote import RemoteBackend
 from server.config_file import ANTHROPIC, OPENAI, BackendSpec, read_backend_table
 from server.dispatch.circuit import CircuitState
 from server.dispatch.members import Members, MembershipError, MemberView
+from server.model.errors import FieldViolation, InvalidArgumentError
 
 BuildBackend = Callable[[BackendSpec], Backend]
 KEYED_KINDS = frozenset({OPENAI, ANTHROPIC})
@@ -56,7 +59,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             table["task_types"] = list(config.task_types)
         spec, problems = read_backend_table(table, "backend")
         if spec is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
+            # Each problem reads "backend.field: what to fix": sent as BadRequest field
+            # violations, as TaskService's INVALID_ARGUMENT are (same message text).
+            violations = [FieldViolation(*problem.split(": ", 1)) for problem in problems]
+            await context.abort_with_status(
+                to_status(InvalidArgumentError(reportable(violations, "backend")))
+            )
         if spec.kind in KEYED_KINDS:
             # Without authentication (issue 4) anyone who reaches this port could point one
             # of the router's API keys at an address of their choosing.
@@ -67,17 +75,17 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             )
         if spec.name in self._members.backends:
             await context.abort(
-                grpc.StatusCode.ALREADY_EXISTS, f"a backend named {spec.name!r} is on the ring"
+                grpc.StatusCode.ALREADY_EXISTS, f"a backend named {shown(spec.name)} is on the ring"
             )
         try:
             backend = self._build(spec)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, _message(exc))
         try:
             self._members.add(backend, spec.weight)
         except MembershipError as exc:
             await close_backend(backend)
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, _message(exc))
         self.specs[spec.name] = spec
         return apb.AddBackendResponse(backend=self._status(self._members.view(spec.name)))
 
@@ -88,7 +96,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             self._members.drain(request.name)
             view = self._members.view(request.name)
         except MembershipError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            await context.abort(grpc.StatusCode.NOT_FOUND, _message(exc))
         return apb.DrainBackendResponse(backend=self._status(view))
 
     async def ResumeBackend(  # noqa: N802
@@ -98,7 +106,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             self._members.resume(request.name)
             view = self._members.view(request.name)
         except MembershipError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            await context.abort(grpc.StatusCode.NOT_FOUND, _message(exc))
         return apb.ResumeBackendResponse(backend=self._status(view))
 
     async def RemoveBackend(  # noqa: N802
@@ -107,7 +115,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         try:
             view = await self._members.remove(request.name)
         except MembershipError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            await context.abort(grpc.StatusCode.NOT_FOUND, _message(exc))
         self.specs.pop(request.name, None)
         return apb.RemoveBackendResponse(backend=self._status(view))
 
@@ -135,6 +143,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if status.held_until is not None:
             message.held_until.CopyFrom(timestamp_to_pb(status.held_until))
         return message
+
+
+def _message(error: Exception) -> str:
+    """The error's message, which may quote a name the client sent (of any length): kept
+    short enough for the trailers, which grpc clients drop past 8 KiB."""
+    return clip(str(error), 300)
 
 
 def _kind(backend: Backend) -> str:

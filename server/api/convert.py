@@ -6,10 +6,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from client._proto.taskring.v1 import tasks_pb2 as pb
 from server.model.errors import FieldViolation, InvalidArgumentError
+from server.model.stats import GroupStats, StateCount, StatsReport
 from server.model.task import (
     CHAT,
     EMBED,
@@ -222,6 +223,65 @@ def states_from_pb(values: Any, field: str) -> set[TaskState]:
             raise InvalidArgumentError.single(f"{field}[{i}]", f"unknown task state {value}")
         result.add(STATE_FROM_PB[value])
     return result
+
+
+def duration_from_pb(value: duration_pb2.Duration, field: str) -> float:
+    """Seconds; InvalidArgumentError naming `field` for a Duration the spec forbids (nanos
+    beyond a second, or of the other sign than seconds), which no sane client sends."""
+    nanos_ok = abs(value.nanos) < 1_000_000_000 and value.seconds * value.nanos >= 0
+    if not nanos_ok:
+        raise InvalidArgumentError.single(
+            field, "not a valid Duration: nanos must be below one second, with the sign of seconds"
+        )
+    return value.seconds + value.nanos / 1e9
+
+
+def duration_to_pb(seconds: float) -> duration_pb2.Duration:
+    value = duration_pb2.Duration()
+    value.FromNanoseconds(round(seconds * 1e9))
+    return value
+
+
+def stats_to_pb(report: StatsReport) -> pb.StatsResponse:
+    stats = report.stats
+    return pb.StatsResponse(
+        client_id=report.client_id,
+        window=duration_to_pb(report.window_s),
+        compute_time=timestamp_to_pb(report.computed_at),
+        queue_depth=[_state_count_to_pb(c) for c in stats.queue_depth],
+        window_counts=[_state_count_to_pb(c) for c in stats.window_counts],
+        groups=[_group_stats_to_pb(g) for g in stats.groups],
+        duration_sample_limit=stats.duration_sample_limit,
+    )
+
+
+def _state_count_to_pb(count: StateCount) -> pb.StateCount:
+    return pb.StateCount(
+        state=STATE_TO_PB[count.state], priority=PRIORITY_TO_PB[count.priority], count=count.count
+    )
+
+
+def _group_stats_to_pb(group: GroupStats) -> pb.TaskGroupStats:
+    def optional(seconds: float | None) -> duration_pb2.Duration | None:
+        return None if seconds is None else duration_to_pb(seconds)
+
+    return pb.TaskGroupStats(
+        task_type=group.task_type,
+        backend=group.backend,
+        finished=group.finished,
+        succeeded=group.succeeded,
+        failed=group.failed,
+        cancelled=group.cancelled,
+        success_rate=group.success_rate,
+        duration_p50=optional(group.duration_p50_s),
+        duration_p90=optional(group.duration_p90_s),
+        duration_p99=optional(group.duration_p99_s),
+        duration_samples=group.duration_samples,
+        mean_attempts=group.mean_attempts,
+        input_tokens=group.input_tokens,
+        output_tokens=group.output_tokens,
+        cost_usd=group.cost_usd,
+    )
 
 
 def timestamp_to_pb(seconds: float) -> timestamp_pb2.Timestamp:

@@ -24,6 +24,7 @@ from anthropic.types import MessageDeltaUsage, MessageParam, Usage
 
 from server.clock import Clock
 from server.model.task import CHAT, ChatInput, ChatOutput, Task
+from server.observability.tracing import outgoing_headers
 
 from .base import BackendError, BackendEvent, Completed, OutputChunk
 from .providers import (
@@ -146,6 +147,9 @@ class AnthropicBackend(ProviderMember):
             stop_sequences=list(spec.stop) if spec.stop else anthropic.omit,
             stream=True,
             extra_body=sampling or None,
+            # The attempt's trace context. With a global tracer provider the SDK sends its
+            # own span's instead, a child of the attempt's: the trace stays connected.
+            extra_headers=outgoing_headers(),
         )
         text: list[str] = []
         stop_reason = ""

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from server.config import LocalExecutorSettings
 from server.config_file import ANTHROPIC, LOCAL, OPENAI, REMOTE, BackendSpec, FileConfig
+from server.observability import logs
 
 from .base import Backend
 from .local import Handler, LocalBackend, LocalModelSettings, builtin_handlers
@@ -64,6 +65,9 @@ def build_backend(
         from .providers import PriceTable
 
         api_key = _api_key(spec, environ, file)
+        # Logging is process-wide: whoever logs the key (an SDK at DEBUG, an exception's
+        # text), the line shows it redacted.
+        logs.SECRETS.add(api_key)
         prices = PriceTable(file.prices)
         if spec.kind == OPENAI:
             return OpenAIBackend(

@@ -16,6 +16,7 @@ from client._proto.taskring.v1 import executor_pb2_grpc
 from server.api.convert import output_from_pb, task_to_pb, usage_from_pb
 from server.clock import Clock, SystemClock
 from server.model.task import Task
+from server.observability.tracing import outgoing_metadata
 
 from .base import BackendBase, BackendError, BackendEvent, Completed, OutputChunk
 
@@ -76,7 +77,12 @@ class RemoteBackend(BackendBase):
         # The executor learns the deadline twice: in the task, and as the call's deadline,
         # so a lost router cannot leave work running past it.
         timeout = max(task.deadline - self._clock.now(), 0.001)
-        call = self._stub.Execute(epb.ExecuteRequest(task=task_to_pb(task)), timeout=timeout)
+        # The attempt's trace context (`traceparent`), so the executor's spans join the trace.
+        call = self._stub.Execute(
+            epb.ExecuteRequest(task=task_to_pb(task)),
+            timeout=timeout,
+            metadata=outgoing_metadata(),
+        )
         try:
             async for response in call:
                 which = response.WhichOneof("event")

@@ -15,6 +15,8 @@ import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from opentelemetry.context import Context
+
 from server.backends.base import Backend, BackendError, BackendEvent, Completed, OutputChunk
 from server.clock import Clock
 from server.events.hub import EventKind, TaskEvent
@@ -22,6 +24,9 @@ from server.events.recorder import ChangeRecorder
 from server.model import states
 from server.model.errors import StoreError
 from server.model.task import Task, TaskError, TaskState
+from server.observability import logs
+from server.observability.metrics import NO_METRICS, Metrics
+from server.observability.tracing import TaskSpans
 from server.store.base import TaskStore
 
 from .members import Members
@@ -43,6 +48,7 @@ class DispatchSettings:
 class StopReason(enum.Enum):
     CLIENT = "client"  # Cancel: the attempt ends CANCELLED
     SHUTDOWN = "shutdown"  # the server stops: the task goes back to the queue
+    NOT_STORED = "not stored"  # started at Submit, whose write then failed: drop it
 
 
 class _End:
@@ -64,6 +70,12 @@ class _Attempt:
     # try/finally, so until then a stop is only recorded, and the runner acts on it.
     started: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    # For an attempt started alongside its task's first write (see Dispatcher.start_early):
+    # True once that write committed, False if it failed. The attempt writes nothing, and so
+    # publishes nothing, before it is True.
+    stored: asyncio.Future[bool] | None = None
+    # The context of the attempt's span (its task's Submit span); None when tracing is off.
+    trace_parent: Context | None = None
 
 
 class Dispatcher:
@@ -75,6 +87,8 @@ class Dispatcher:
         clock: Clock,
         settings: DispatchSettings,
         rng: random.Random | None = None,
+        metrics: Metrics = NO_METRICS,
+        spans: TaskSpans | None = None,
     ) -> None:
         self._store = store
         self._recorder = recorder
@@ -83,6 +97,9 @@ class Dispatcher:
         self._clock = clock
         self._settings = settings
         self._rng = rng or random.Random()
+        # Dispatch and attempt spans; None when tracing is off (the hot path's only cost).
+        self._spans = spans
+        self._metrics = metrics
         # Attempts running in this process, by task id; only the event loop thread touches it.
         self._running: dict[str, _Attempt] = {}
         # True while the last look at the store left no ready task of a type some member
@@ -162,25 +179,51 @@ class Dispatcher:
             return None
         return states.start(task, backend, now)
 
+    def start_early(self, task: Task) -> None:
+        """Runs `task`, as returned by `start_at_submit`, while Submit's write of it is
+        still committing: the backend's work (a provider's time to first token, say) then
+        overlaps the commit instead of following it. The attempt holds its writes, and so
+        its output, until `submitted` says the task is stored; if the write fails,
+        `release` stops the attempt and nothing of it is seen. The cost of a failed write
+        is a backend call nobody asked for; a Submit that may be a replay (an idempotency
+        key) must not start early, as its task may be another's already."""
+        self._launch(task, stored=asyncio.get_running_loop().create_future())
+
     def submitted(self, task: Task) -> None:
         """A new task is stored: run it if it was started at submit, else look at the queue."""
-        if task.state is TaskState.RUNNING:
+        early = self._running.get(task.id)
+        if early is not None and early.stored is not None:
+            if not early.stored.done():
+                early.stored.set_result(True)
+        elif task.state is TaskState.RUNNING:
             self._launch(task)
         else:
+            if self._spans is not None:
+                self._spans.queued(task.id)  # called in Submit's context: its span
             self._queue_drained = False
             self._wakeup.set()
 
     def release(self, task: Task) -> None:
-        """Gives back the slot `start_at_submit` reserved: the task was not stored."""
+        """Gives back the slot `start_at_submit` reserved: the task was not stored (an early
+        attempt gives it back itself once stopped)."""
+        early = self._running.get(task.id)
+        if early is not None and early.stored is not None:
+            if not early.stored.done():
+                early.stored.set_result(False)
+            self._stop(early, StopReason.NOT_STORED)
+            return
         self.members.release(task.backend)
 
-    def _launch(self, task: Task) -> None:
-        attempt = _Attempt(task, task.backend)
+    def _launch(self, task: Task, stored: asyncio.Future[bool] | None = None) -> None:
+        attempt = _Attempt(task, task.backend, stored=stored)
         if self._stopping:
             # Stored RUNNING by a Submit that was committing as shutdown began: hand it
             # straight back to the queue rather than run it unsupervised.
             attempt.stop_reason = StopReason.SHUTDOWN
-        attempt.runner = asyncio.create_task(self._run(attempt), name=f"attempt:{task.id}")
+        if self._spans is not None:
+            attempt.trace_parent = self._spans.dispatched(task)
+        run = self._run(attempt) if self._spans is None else self._run_traced(attempt)
+        attempt.runner = asyncio.create_task(run, name=f"attempt:{task.id}")
         self._running[task.id] = attempt
         self.started += 1
 
@@ -217,7 +260,9 @@ class Dispatcher:
         for (_, started), ok in zip(plans, results, strict=True):
             if ok is not True:  # cancelled or changed since we read it, or the write failed
                 if isinstance(ok, BaseException):
-                    _log.error("could not claim task %s: %s", started.id, ok)
+                    _log.error(
+                        "could not claim task %s: %s", started.id, ok, extra={"task_id": started.id}
+                    )
                 self.members.release(started.backend)
                 continue
             self._launch(started)
@@ -227,11 +272,30 @@ class Dispatcher:
         # (their backends full) would otherwise be re-read in a tight loop.
         return started_any and len(candidates) == free
 
+    async def _run_traced(self, attempt: _Attempt) -> None:
+        """`_run` inside the attempt's span (see server/observability/tracing.py)."""
+        spans = self._spans
+        if spans is None:
+            await self._run(attempt)
+            return
+        with spans.attempt(attempt.task, attempt.trace_parent) as span:
+            try:
+                await self._run(attempt)
+            finally:
+                spans.finished(span, attempt.task)
+        if attempt.task.state is TaskState.QUEUED:
+            # The retry belongs to the same trace; its wait starts now. (No await since the
+            # requeue was stored: the claim loop cannot have taken it yet.)
+            spans.queued(attempt.task.id, attempt.trace_parent)
+
     async def _run(self, attempt: _Attempt) -> None:
+        # The attempt's asyncio task, and those it starts, log with the task's ids.
+        logs.bind_task(attempt.task.id, attempt.task.client_id)
         try:
             ending = await self._attempt(attempt)
             if ending is not None and not attempt.task.is_terminal:
                 await self._finish(attempt, ending)
+            _log_outcome(attempt.task)
         except _Superseded:
             pass  # another writer (Cancel, a deadline sweep) already decided the outcome
         except StoreError:
@@ -362,6 +426,11 @@ class Dispatcher:
     def _count(self, result: Task) -> None:
         key = result.state.value
         self.finished[key] = self.finished.get(key, 0) + 1
+        # Only stored endings reach here: an attempt superseded by another writer, or whose
+        # end the store refused, is not an execution's outcome to report.
+        ended = result.ended_at if result.ended_at is not None else self._clock.now()
+        started = result.started_at if result.started_at is not None else ended
+        self._metrics.attempt_ended(result, ended - started)
         if result.state is TaskState.QUEUED:
             self._queue_drained = False
             self._wakeup.set()
@@ -373,6 +442,7 @@ class Dispatcher:
         def saved(event: TaskEvent) -> None:
             attempt.task = event.task
 
+        await _until_stored(attempt)
         if not await self._recorder.record(events, attempt.task.sequence, saved):
             raise _Superseded
 
@@ -382,10 +452,13 @@ class Dispatcher:
         def saved(event: TaskEvent) -> None:
             attempt.task = event.task
 
+        await _until_stored(attempt)
         if not await self._recorder.record_output(event, attempt.task.sequence, saved):
             raise _Superseded
 
     async def _fail_deadline(self, task: Task) -> None:
+        if self._spans is not None:
+            self._spans.forget(task.id)
         await self._recorder.record([_state(self._deadline_failure(task))], task.sequence)
 
     async def _expire_overdue(self) -> None:
@@ -437,6 +510,15 @@ class Dispatcher:
         while self._running:  # including any launched while we waited
             await next(iter(self._running.values())).done.wait()
 
+    def active(self) -> dict[tuple[str, str], int]:
+        """Attempts running in this process by (task type, member); read per metrics scrape,
+        so that running attempts cost no bookkeeping of their own."""
+        counts: dict[tuple[str, str], int] = {}
+        for attempt in self._running.values():
+            key = (attempt.task.spec.type, attempt.backend)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
     def statistics(self) -> dict[str, object]:
         return {
             "running": len(self._running),
@@ -444,6 +526,38 @@ class Dispatcher:
             "started": self.started,
             "finished": dict(self.finished),
         }
+
+
+async def _until_stored(attempt: _Attempt) -> None:
+    """Waits until an early attempt's task is stored; _Superseded if it never will be."""
+    if attempt.stored is not None and not await asyncio.shield(attempt.stored):
+        raise _Superseded
+
+
+def _log_outcome(task: Task) -> None:
+    """A line for each attempt that did not succeed (at DEBUG when it did): failures are
+    what operators look for, and a line per success would cost every task."""
+    error = task.error
+    if task.state is TaskState.SUCCEEDED:
+        _log.debug("attempt %d on %s succeeded", task.attempt, task.backend)
+    elif task.state is TaskState.QUEUED and error is not None:
+        _log.warning(
+            "attempt %d on %s failed; will retry: %s: %s",
+            task.attempt,
+            task.backend,
+            error.code,
+            error.message,
+        )
+    elif task.state is TaskState.FAILED and error is not None:
+        _log.warning(
+            "task failed on %s after %d attempts: %s: %s",
+            task.backend,
+            task.attempt,
+            error.code,
+            error.message,
+        )
+    elif task.state is TaskState.CANCELLED:
+        _log.info("attempt %d on %s cancelled", task.attempt, task.backend)
 
 
 def _state(task: Task) -> TaskEvent:

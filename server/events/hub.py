@@ -117,6 +117,10 @@ class EventHub:
         log.latest = event.task
         log.events.append(event)
         if event.task.is_terminal:
+            # Every event holds the task as it was then, output included: a finished task's
+            # history could hold hundreds of copies of its reply. A watcher resuming it
+            # gets the final task as a snapshot instead, which restates everything.
+            log.events.clear()
             self._finished[task_id] = None
             while len(self._finished) > self._finished_kept:
                 old, _ = self._finished.popitem(last=False)
@@ -128,6 +132,13 @@ class EventHub:
     def latest(self, task_id: str) -> Task | None:
         log = self._logs.get(task_id)
         return None if log is None else log.latest
+
+    def forget(self, task_id: str) -> None:
+        """Drops what the hub keeps of a finished task that was deleted from the store, so
+        that Get does not answer with it from here."""
+        if task_id in self._finished:
+            del self._finished[task_id]
+            self._logs.pop(task_id, None)
 
     def history(self, task_id: str, after_sequence: int, upto: int) -> list[TaskEvent] | None:
         """The events numbered after_sequence+1 … upto, or None if any of them is gone."""

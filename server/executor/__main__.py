@@ -11,6 +11,7 @@ import sys
 
 from server import process
 from server.config import ConfigError, ExecutorSettings
+from server.observability import tracing
 from server.tasktypes import TaskTypeConfigError
 
 from .app import ExecutorApp
@@ -50,7 +51,9 @@ def main() -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    return process.run(serve(settings), settings.log_level)
+    return process.run(
+        serve(settings), settings.log_level, settings.log_format, tracing.EXECUTOR_SERVICE
+    )
 
 
 if __name__ == "__main__":

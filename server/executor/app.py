@@ -8,11 +8,20 @@ from types import TracebackType
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import TracerProvider
 
 from client._proto.taskring.v1 import executor_pb2, executor_pb2_grpc
 from server.api.server import new_server
 from server.backends.local import Handler, LocalBackend, LocalModelSettings, builtin_handlers
 from server.config import ExecutorSettings
+from server.observability.metrics import (
+    NO_METRICS,
+    Metrics,
+    MetricsEndpoint,
+    PrometheusMetrics,
+    Sources,
+)
+from server.observability.tracing import tracer_for
 from server.tasktypes import TaskTypes
 
 from .service import ExecutorServicer
@@ -26,9 +35,13 @@ class ExecutorApp:
     """`async with ExecutorApp(settings) as app:` serves until closed."""
 
     def __init__(
-        self, settings: ExecutorSettings, handlers: Mapping[str, Handler] | None = None
+        self,
+        settings: ExecutorSettings,
+        handlers: Mapping[str, Handler] | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
-        """`handlers` replaces the task types from the settings (tests run their own)."""
+        """`handlers` replaces the task types from the settings (tests run their own), and
+        `tracer_provider` the global one process.run installs (tracing is off without)."""
         self.settings = settings
         # The same [task_types] as the router's in-process executors, loaded the same way.
         self.task_types = TaskTypes.from_tables(settings.file.task_types, settings.file.base_dir)
@@ -38,9 +51,21 @@ class ExecutorApp:
                 **self.task_types.handlers(),
             }
         self.backend = LocalBackend("executor", handlers, settings.max_concurrency)
-        self.servicer = ExecutorServicer(self.backend)
+        # Executions only: members, queue, watchers and provider usage are the router's.
+        prometheus = (
+            PrometheusMetrics(known_types=lambda: self.backend.task_types)
+            if settings.metrics_listen
+            else None
+        )
+        self.metrics: Metrics = prometheus or NO_METRICS
+        self.servicer = ExecutorServicer(self.backend, self.metrics)
+        self.metrics_endpoint: MetricsEndpoint | None = None
+        if prometheus is not None:
+            prometheus.read_from(Sources(active=self.servicer.active))
+            self.metrics_endpoint = MetricsEndpoint(prometheus, settings.metrics_listen)
+        self.metrics_port = 0  # the bound metrics port (TASKRING_METRICS_LISTEN=...:0)
         self.health = health.aio.HealthServicer()
-        self.server = new_server()
+        self.server = new_server(tracer_for(tracer_provider))
         executor_pb2_grpc.add_ExecutorServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -60,6 +85,9 @@ class ExecutorApp:
 
     async def start(self) -> None:
         self.port = self.server.add_insecure_port(self.settings.listen)
+        if self.metrics_endpoint is not None:
+            await self.metrics_endpoint.start()
+            self.metrics_port = self.metrics_endpoint.port
         await self.server.start()
         await self.health.set("", SERVING)
         await self.health.set(EXECUTOR_SERVICE, SERVING)
@@ -72,6 +100,8 @@ class ExecutorApp:
         self._stopped = True
         await self.health.set(EXECUTOR_SERVICE, NOT_SERVING)
         await self.server.stop(self.settings.shutdown_grace_s)
+        if self.metrics_endpoint is not None:
+            await self.metrics_endpoint.stop()
         await self.task_types.aclose()
 
     async def __aenter__(self) -> ExecutorApp:

@@ -6,7 +6,8 @@ from collections.abc import Awaitable, Sequence, Set
 from dataclasses import dataclass
 from typing import Protocol
 
-from server.model.task import Task, TaskState
+from server.model.stats import TaskStats
+from server.model.task import Priority, Task, TaskState
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,20 @@ class ListPage:
     tasks: list[Task]
     # Pass as ListQuery.before_cursor for the next page; None on the last page.
     next_cursor: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class StatsQuery:
+    """Statistics of the tasks created at or after `created_after` (the window), and of the
+    queue now. `client_id` None counts every client's tasks: for an admin caller, once API
+    keys exist; callers pass their own client id until then."""
+
+    client_id: str | None
+    created_after: float
+    types: frozenset[str] = frozenset()
+    # Percentiles come from at most this many run times per (type, backend) group, the
+    # newest: they are computed in Python, and this keeps that work bounded.
+    duration_sample_limit: int = 10_000
 
 
 class TaskStore(Protocol):
@@ -53,6 +68,11 @@ class TaskStore(Protocol):
 
     async def list_page(self, query: ListQuery) -> ListPage: ...
 
+    async def stats(self, query: StatsQuery) -> TaskStats:
+        """Counts and sums computed by the store itself (not by loading tasks), and run-time
+        percentiles from a bounded sample; off the event loop."""
+        ...
+
     def update(self, task: Task, expected_sequence: int) -> Awaitable[bool]:
         """Replaces the stored task if its sequence is still `expected_sequence`.
 
@@ -61,9 +81,19 @@ class TaskStore(Protocol):
         """
         ...
 
+    def delete_finished(self, ended_before: float, limit: int) -> Awaitable[list[str]]:
+        """Deletes up to `limit` of the tasks that finished before `ended_before`, oldest
+        first, in one write; returns the ids of those deleted."""
+        ...
+
     async def queued(self, limit: int, now: float, types: Set[str]) -> list[Task]:
         """QUEUED tasks of `types` ready to run (not_before <= now), highest priority first,
         then oldest."""
+        ...
+
+    async def queue_depth(self) -> dict[Priority, int]:
+        """How many tasks are QUEUED, by priority, backoff or not (metrics read it per
+        scrape, so it must count without loading tasks)."""
         ...
 
     async def in_states(self, states: Sequence[TaskState], limit: int) -> list[Task]:

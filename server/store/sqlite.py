@@ -7,19 +7,26 @@ import fcntl
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence, Set
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from server.model.errors import StoreError
-from server.model.task import Task, TaskState
+from server.model.stats import GroupStats, StateCount, TaskStats, percentile
+from server.model.task import Priority, Task, TaskState
 
 from . import codec
-from .base import ListPage, ListQuery
+from .base import ListPage, ListQuery, StatsQuery
 from .group_commit import GroupCommitWriter
 
 T = TypeVar("T")
 
+# Bumped only for a change an older server could not live with: it refuses a file whose
+# version is newer than its own. An added index is not one (older servers keep it up to date
+# without knowing it), so tasks_client_created left the version at 1.
 SCHEMA_VERSION = 1
+# Run at every start: each statement is IF NOT EXISTS, so a file made by an older server
+# gains what it lacks (tasks_client_created came with Stats) and keeps its rows.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     pk              INTEGER PRIMARY KEY,  -- insertion order: List pages and FIFO within a priority
@@ -48,6 +55,11 @@ CREATE INDEX IF NOT EXISTS tasks_queue ON tasks (priority DESC, pk) WHERE state 
 CREATE INDEX IF NOT EXISTS tasks_unfinished
     ON tasks (deadline) WHERE state IN ('QUEUED', 'RUNNING');
 CREATE INDEX IF NOT EXISTS tasks_client ON tasks (client_id, pk);
+-- Stats: a client's tasks created within a window, without reading their older ones.
+CREATE INDEX IF NOT EXISTS tasks_client_created ON tasks (client_id, created_at);
+-- Retention: the oldest finished tasks, without reading the unfinished or recent ones.
+CREATE INDEX IF NOT EXISTS tasks_finished
+    ON tasks (ended_at) WHERE state IN ('SUCCEEDED', 'FAILED', 'CANCELLED');
 """
 COLUMNS = (
     "id, client_id, type, state, priority, spec, sequence, attempt, backend, output, error,"
@@ -59,12 +71,66 @@ UPDATE = (
     "UPDATE tasks SET state=?, sequence=?, attempt=?, backend=?, output=?, error=?, usage=?,"
     " started_at=?, ended_at=?, not_before=? WHERE id=? AND sequence=?"
 )
+# One statement (one write of a group commit) deletes at most `limit` of the oldest.
+DELETE_FINISHED = (
+    "DELETE FROM tasks WHERE pk IN (SELECT pk FROM tasks"
+    " WHERE state IN ('SUCCEEDED', 'FAILED', 'CANCELLED') AND ended_at < ?"
+    " ORDER BY ended_at LIMIT ?) RETURNING id"
+)
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+class _Reader:
+    """One thread with its own connection: queries run there, off the event loop."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection], name: str) -> None:
+        self._connect = connect
+        self._name = name
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None  # used only by the thread
+
+    def start(self) -> None:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
+
+    async def run(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        if self._executor is None:
+            raise StoreError("the store is not open")
+
+        def run() -> T:
+            if self._conn is None:
+                self._conn = self._connect()
+            return query(self._conn)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        except sqlite3.Error as exc:
+            raise StoreError(f"the task store could not read: {exc}") from exc
+
+    def interrupt(self) -> None:
+        """Makes the running query fail at once (sqlite3_interrupt is safe from any thread)."""
+        conn = self._conn
+        if conn is not None:
+            conn.interrupt()
+
+    def close(self) -> None:
+        """Waits for the running query; safe to call twice or before start."""
+        if self._executor is not None:
+            executor, self._executor = self._executor, None
+            executor.submit(self._close_conn)
+            executor.shutdown(wait=True)
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 class SqliteTaskStore:
     """Writes go through one group-committing writer thread; reads through one reader thread
-    with its own connection (WAL lets them run while a write commits)."""
+    with its own connection (WAL lets them run while a write commits). Stats have a reader
+    of their own: an aggregation over a busy hour must not hold up the dispatcher's claims
+    (`queued`) and Get, which share the first."""
 
     def __init__(self, path: Path | str, synchronous: str = "FULL") -> None:
         if synchronous.upper() not in SYNCHRONOUS_MODES:
@@ -72,8 +138,9 @@ class SqliteTaskStore:
         self._path = str(path)
         self._synchronous = synchronous.upper()
         self._writer = GroupCommitWriter(self._connect)
-        self._reader: ThreadPoolExecutor | None = None
-        self._reader_conn: sqlite3.Connection | None = None  # used only by the reader thread
+        self._reader = _Reader(self._connect, "sqlite-reader")
+        self._stats_reader = _Reader(self._connect, "sqlite-stats")
+        self._started = False
         self._lock_file: BinaryIO | None = None
 
     def _connect(self) -> sqlite3.Connection:
@@ -84,7 +151,7 @@ class SqliteTaskStore:
         return conn
 
     async def start(self) -> None:
-        if self._reader is not None:
+        if self._started:
             return
         if self._path != ":memory:":
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +161,9 @@ class SqliteTaskStore:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the SQLite store at {self._path}: {exc}") from exc
         self._writer.start()
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-reader")
+        self._reader.start()
+        self._stats_reader.start()
+        self._started = True
 
     def _lock_exclusively(self) -> None:
         """One server per SQLite file: a second one would re-queue the first one's running
@@ -126,32 +195,18 @@ class SqliteTaskStore:
 
     async def close(self) -> None:
         await self._writer.close()
-        if self._reader is not None:
-            reader, self._reader = self._reader, None
-            reader.submit(self._close_reader_conn)
-            reader.shutdown(wait=True)
+        # A Stats aggregation can take a while: stop it rather than wait for it here, on the
+        # loop's thread (it only reads). The other reader's queries are short.
+        self._stats_reader.interrupt()
+        self._reader.close()
+        self._stats_reader.close()
+        self._started = False
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
 
-    def _close_reader_conn(self) -> None:
-        if self._reader_conn is not None:
-            self._reader_conn.close()
-            self._reader_conn = None
-
     async def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
-        if self._reader is None:
-            raise StoreError("the store is not open")
-
-        def run() -> T:
-            if self._reader_conn is None:
-                self._reader_conn = self._connect()
-            return query(self._reader_conn)
-
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._reader, run)
-        except sqlite3.Error as exc:
-            raise StoreError(f"the task store could not read: {exc}") from exc
+        return await self._reader.run(query)
 
     async def ping(self) -> None:
         await self._read(lambda c: c.execute("SELECT 1").fetchone())
@@ -196,6 +251,16 @@ class SqliteTaskStore:
         more = len(rows) > query.limit
         return ListPage([_from_row(r) for r in page], page[-1][0] if more and page else None)
 
+    async def stats(self, query: StatsQuery) -> TaskStats:
+        return await self._stats_reader.run(lambda c: _stats(c, query))
+
+    def delete_finished(self, ended_before: float, limit: int) -> Awaitable[list[str]]:
+        """Deletes up to `limit` of the tasks that finished before `ended_before`, oldest
+        first; the ids of those deleted."""
+        return self._writer.submit(
+            lambda c: [row[0] for row in c.execute(DELETE_FINISHED, (ended_before, limit))]
+        )
+
     def update(self, task: Task, expected_sequence: int) -> Awaitable[bool]:
         params = _update_params(task, expected_sequence)
         return self._writer.submit(lambda c: c.execute(UPDATE, params).rowcount == 1)
@@ -211,6 +276,13 @@ class SqliteTaskStore:
         params = [now, *sorted(types), limit]
         rows = await self._read(lambda c: c.execute(sql, params).fetchall())
         return [_from_row(r) for r in rows]
+
+    async def queue_depth(self) -> dict[Priority, int]:
+        # Counted over the partial index tasks_queue (exactly the QUEUED rows, priority in
+        # it): the table itself is not read.
+        sql = "SELECT priority, COUNT(*) FROM tasks WHERE state='QUEUED' GROUP BY priority"
+        rows = await self._read(lambda c: c.execute(sql).fetchall())
+        return {Priority(priority): count for priority, count in rows}
 
     async def in_states(self, states: Sequence[TaskState], limit: int) -> list[Task]:
         marks = ",".join("?" * len(states))
@@ -229,6 +301,122 @@ class SqliteTaskStore:
 
     def statistics(self) -> dict[str, int]:
         return {"commit_groups": self._writer.groups, "writes": self._writer.writes}
+
+
+# Per (type, backend, state, priority) of the tasks created in the window: a few dozen rows
+# however many tasks there are. `usage` is codec.encode_usage's JSON array
+# [input_tokens, output_tokens, cost_usd], summed where it lies rather than decoded per task.
+STATS_WINDOW = (
+    "SELECT type, backend, state, priority, COUNT(*), SUM(attempt),"
+    " COALESCE(SUM(json_extract(usage, '$[0]')), 0),"
+    " COALESCE(SUM(json_extract(usage, '$[1]')), 0),"
+    " TOTAL(json_extract(usage, '$[2]'))"
+    " FROM tasks WHERE {where} GROUP BY type, backend, state, priority"
+)
+# Whatever their age. INDEXED BY: left to itself the planner walks the client's whole
+# history by tasks_client_created; the partial index holds only the unfinished tasks.
+STATS_QUEUE = (
+    "SELECT state, priority, COUNT(*) FROM tasks INDEXED BY tasks_unfinished"
+    " WHERE state IN ('QUEUED', 'RUNNING') AND {where} GROUP BY state, priority"
+)
+# Run times of the newest finished runs per group, at most `?` each: SQLite sorts, Python
+# gets a bounded list. Cancelled runs are left out (the client cut them short).
+STATS_DURATIONS = (
+    "SELECT type, backend, duration FROM ("
+    " SELECT type, backend, ended_at - started_at AS duration, ROW_NUMBER() OVER ("
+    "  PARTITION BY type, backend ORDER BY created_at DESC, pk DESC) AS newest"
+    " FROM tasks WHERE state IN ('SUCCEEDED', 'FAILED') AND started_at IS NOT NULL"
+    " AND {where}) WHERE newest <= ?"
+)
+
+
+def _stats(conn: sqlite3.Connection, query: StatsQuery) -> TaskStats:
+    """Runs on the stats reader's thread: three queries in one read transaction, so the
+    counts, sums and run times come from the same snapshot."""
+    scope: list[str] = []
+    params: list[Any] = []
+    # client_id None (an admin caller, once API keys exist) has no index for its window
+    # and reads the whole table: give created_at one of its own before that lands.
+    if query.client_id is not None:
+        scope.append("client_id=?")
+        params.append(query.client_id)
+    if query.types:
+        scope.append(f"type IN ({','.join('?' * len(query.types))})")
+        params.extend(sorted(query.types))
+    windowed = " AND ".join([*scope, "created_at>=?"])
+    window_params = [*params, query.created_after]
+    conn.execute("BEGIN")
+    try:
+        queue_rows = conn.execute(
+            STATS_QUEUE.format(where=" AND ".join(scope) or "1"), params
+        ).fetchall()
+        window_rows = conn.execute(STATS_WINDOW.format(where=windowed), window_params).fetchall()
+        duration_rows = conn.execute(
+            STATS_DURATIONS.format(where=windowed),
+            [*window_params, query.duration_sample_limit],
+        ).fetchall()
+    finally:
+        conn.execute("COMMIT")
+
+    groups: dict[tuple[str, str], GroupStats] = {}
+    window_counts: dict[tuple[TaskState, Priority], int] = {}
+    for (
+        task_type,
+        backend,
+        state_,
+        priority,
+        count,
+        attempts,
+        tokens_in,
+        tokens_out,
+        cost,
+    ) in window_rows:
+        state = TaskState(state_)
+        key = (state, Priority(priority))
+        window_counts[key] = window_counts.get(key, 0) + count
+        if not state.is_terminal:
+            continue
+        group = groups.get((task_type, backend)) or GroupStats(task_type, backend)
+        outcome = state.value.lower()  # the field of GroupStats: succeeded, failed, cancelled
+        groups[task_type, backend] = replace(
+            group,
+            **{outcome: getattr(group, outcome) + count},
+            attempts=group.attempts + attempts,
+            input_tokens=group.input_tokens + tokens_in,
+            output_tokens=group.output_tokens + tokens_out,
+            cost_usd=group.cost_usd + cost,
+        )
+
+    durations: dict[tuple[str, str], list[float]] = {}
+    for task_type, backend, duration in duration_rows:
+        # A wall clock stepped back mid-run would give a negative run time.
+        durations.setdefault((task_type, backend), []).append(max(0.0, duration))
+    for group_key, values in durations.items():
+        values.sort()
+        # Every run counted here is a finished task of the same snapshot: its group exists.
+        groups[group_key] = replace(
+            groups[group_key],
+            duration_p50_s=percentile(values, 50),
+            duration_p90_s=percentile(values, 90),
+            duration_p99_s=percentile(values, 99),
+            duration_samples=len(values),
+        )
+
+    return TaskStats(
+        queue_depth=_state_counts({(TaskState(s), Priority(p)): n for s, p, n in queue_rows}),
+        window_counts=_state_counts(window_counts),
+        groups=tuple(groups[key] for key in sorted(groups)),
+        duration_sample_limit=query.duration_sample_limit,
+    )
+
+
+_STATE_ORDER = {state: i for i, state in enumerate(TaskState)}
+
+
+def _state_counts(counts: dict[tuple[TaskState, Priority], int]) -> tuple[StateCount, ...]:
+    """In the life order of states (QUEUED first), then the highest priority first."""
+    ordered = sorted(counts.items(), key=lambda kv: (_STATE_ORDER[kv[0][0]], -kv[0][1]))
+    return tuple(StateCount(state, priority, n) for (state, priority), n in ordered if n)
 
 
 def _to_row(task: Task) -> tuple[Any, ...]:

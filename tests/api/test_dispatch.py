@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -300,3 +302,50 @@ async def test_backend_timeout_is_retried_not_taken_for_the_deadline(
     final = await wait_terminal(server.stub, (await submit(server.stub, custom_spec("slow"))).id)
     assert final.state == pb.TASK_STATE_SUCCEEDED
     assert final.attempt == 2
+
+
+async def test_submit_whose_write_fails_leaves_no_work_running(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """A task starts on its member while Submit's write commits (the work overlaps the
+    commit); when that write fails, the client gets UNAVAILABLE, the work is stopped even
+    if it has said nothing yet, the member's slot comes back, and no trace of the task is
+    left."""
+    db = tmp_path / "refusing.db"
+    started, stopped = asyncio.Event(), asyncio.Event()
+    ran: list[str] = []
+
+    async def silent(task: Task) -> AsyncIterator[BackendEvent]:
+        started.set()
+        try:
+            await asyncio.sleep(30)  # thinks long before its first word
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+        yield Completed(CustomOutput({}))
+
+    async def record(task: Task) -> AsyncIterator[BackendEvent]:
+        ran.append(task.id)
+        yield Completed(CustomOutput({}))
+
+    server = await start_server(
+        local_backends(count=1, max_concurrency=1, extra={"silent": silent, "record": record}),
+        db=db,
+    )
+    with sqlite3.connect(db) as conn:  # a real failing write: the disk's answer, in SQL
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON tasks BEGIN SELECT RAISE(FAIL, 'no'); END"
+        )
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await submit(server.stub, custom_spec("silent"))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    if started.is_set():
+        await asyncio.wait_for(stopped.wait(), 5)
+
+    with sqlite3.connect(db) as conn:
+        conn.execute("DROP TRIGGER refuse")
+    after = await submit(server.stub, custom_spec("record"))  # the only slot is free again
+    final = await asyncio.wait_for(wait_terminal(server.stub, after.id), 5)
+    assert final.state == pb.TASK_STATE_SUCCEEDED
+    listed = await server.stub.List(pb.ListRequest())
+    assert [t.id for t in listed.tasks] == [after.id] == ran

@@ -213,6 +213,16 @@ async def test_invalid_request_says_what_the_provider_said(
     assert "The model `gpt-nope` does not exist" in error.error.message
 
 
+async def test_error_event_in_the_stream_says_what_the_provider_said(
+    backend: OpenAIBackend, fake: FakeOpenAI
+) -> None:
+    """An error sent inside a stream that began well fails the attempt with its words."""
+    fake.script(BreakStream(after_tokens=1, how="error", message="the GPU fell over"))
+    error = await failure(backend, chat())
+    assert error.error.code == "BACKEND_UNAVAILABLE"
+    assert "error in the stream: the GPU fell over" in error.error.message
+
+
 async def test_sdk_does_not_retry(backend: OpenAIBackend, fake: FakeOpenAI) -> None:
     """One attempt is one request: retrying is the router's job, on another member."""
     fake.script(Fail(500), Fail(429))

@@ -20,7 +20,9 @@ from client._cli import (
     WatchPrinter,
     build_parser,
     exit_code_for,
+    format_duration,
     format_error,
+    format_stats,
     format_table,
     main,
     spec_from_args,
@@ -318,3 +320,87 @@ def test_bad_timeout_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[
     """A timeout that is not a positive number exits 64 with a message, not a traceback."""
     assert main(["--target", "127.0.0.1:1", "submit", "hi", "--timeout", value]) == 64
     assert "not a positive number of seconds" in capsys.readouterr().err
+
+
+def group(task_type: str, backend: str, **fields: object) -> pb.TaskGroupStats:
+    return pb.TaskGroupStats(task_type=task_type, backend=backend, **fields)  # type: ignore[arg-type]
+
+
+def test_stats_table_aligns_numbers_right_and_shows_the_queue() -> None:
+    """`taskring stats`: a summary, a row per type and backend with numbers right-aligned,
+    "-" where there is nothing to show, then the queue by state and priority."""
+    ms = duration_pb2.Duration
+    stats = pb.StatsResponse(
+        client_id="anonymous",
+        window=ms(seconds=3600),
+        window_counts=[
+            pb.StateCount(state=pb.TASK_STATE_QUEUED, priority=pb.PRIORITY_HIGH, count=1),
+            pb.StateCount(state=pb.TASK_STATE_SUCCEEDED, priority=pb.PRIORITY_NORMAL, count=1234),
+            pb.StateCount(state=pb.TASK_STATE_FAILED, priority=pb.PRIORITY_NORMAL, count=2),
+            pb.StateCount(state=pb.TASK_STATE_CANCELLED, priority=pb.PRIORITY_LOW, count=1),
+        ],
+        queue_depth=[
+            pb.StateCount(state=pb.TASK_STATE_QUEUED, priority=pb.PRIORITY_HIGH, count=1),
+            pb.StateCount(state=pb.TASK_STATE_RUNNING, priority=pb.PRIORITY_NORMAL, count=12),
+        ],
+        groups=[
+            group(
+                "chat", "openai", finished=1236, succeeded=1234, failed=2, success_rate=1234 / 1236,
+                duration_p50=ms(nanos=120_000_000), duration_p99=ms(seconds=75),
+                duration_samples=1236, mean_attempts=1.25, input_tokens=123456,
+                output_tokens=7890, cost_usd=1.5,
+            ),
+            group("summarize", "", finished=1, cancelled=1),
+        ],
+    )  # fmt: skip
+    assert format_stats(stats).splitlines() == [
+        "tasks of anonymous created in the last 1h: 1238"
+        " (1 queued, 1234 succeeded, 2 failed, 1 cancelled)",
+        "",
+        "TYPE       BACKEND  DONE   OK %    P50    P99  ATTEMPTS  TOKENS IN  TOKENS OUT     COST",
+        "chat       openai   1236  99.8%  120ms  1m15s      1.25    123,456       7,890  $1.5000",
+        "summarize  -           1      -      -      -      0.00          0           0  $0.0000",
+        "",
+        "queue now: 1 queued, 12 running",
+        "STATE    URGENT  HIGH  NORMAL  LOW  TOTAL",
+        "QUEUED        0     1       0    0      1",
+        "RUNNING       0     0      12    0     12",
+    ]
+
+
+def test_stats_of_nothing_says_so() -> None:
+    """No tasks in the window and an empty queue read as such, not as empty tables."""
+    stats = pb.StatsResponse(client_id="anonymous", window=duration_pb2.Duration(seconds=900))
+    assert format_stats(stats).splitlines() == [
+        "tasks of anonymous created in the last 15m: 0",
+        "",
+        "no finished tasks in the window",
+        "",
+        "queue now: empty",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(0.0004, "0.4ms"), (0.385, "385ms"), (1.234, "1.23s"), (125, "2m05s"), (4800, "1h20m")],
+)
+def test_run_times_read_at_a_glance(seconds: float, shown: str) -> None:
+    assert format_duration(seconds) == shown
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("90s", 90), ("15m", 900), ("1h", 3600), ("1.5h", 5400), ("2d", 172800), ("30", 30)],
+)
+def test_stats_window_takes_a_number_and_a_unit(value: str, seconds: float) -> None:
+    """`taskring stats --window 1h`: seconds, minutes, hours or days; bare: seconds."""
+    args = build_parser({}).parse_args(["stats", "--window", value, "--type", "chat"])
+    assert (args.window_s, args.types) == (seconds, ["chat"])
+
+
+@pytest.mark.parametrize("value", ["0", "-1h", "1w", "h", "soon", "1h30m"])
+def test_bad_stats_window_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A window that is not a positive number with an optional unit exits 64, naming it."""
+    # --window=VALUE: as a separate word "-1h" would read as an option.
+    assert main(["--target", "127.0.0.1:1", "stats", f"--window={value}"]) == EXIT_USAGE
+    assert "is not a positive duration" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import asyncio
 import json
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -14,10 +15,18 @@ from client import (
     TaskringClient,
     TaskState,
 )
+from client._client import task_of
 from client._errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from server.backends.base import BackendError, BackendEvent, OutputChunk
 from server.model.task import Task
-from tests.conftest import ROOT, Running, StartServer, local_backends
+from tests.conftest import (
+    ROOT,
+    Running,
+    ServerProcess,
+    StartServer,
+    local_backends,
+    spawn_server,
+)
 
 MISSING = "00000000-0000-0000-0000-000000000000"
 
@@ -134,3 +143,75 @@ async def test_cli_watch_of_failed_task_exits_one_with_the_error(
     assert code == 1
     assert "INVALID_INPUT" in err
     assert "the model rejected the prompt" in err
+
+
+@pytest.mark.slow
+async def test_cli_stats_shows_the_figures_of_a_spawned_server(
+    tmp_path: Path, server_processes: list[ServerProcess]
+) -> None:
+    """`taskring stats` against `python -m server`: after two chats that succeed and one
+    that misses its deadline, the chat row shows 3 done, 66.7% ok and the echo model's
+    tokens; a long chat running and one waiting show in the queue; --type, --json and a
+    window the server refuses work as documented."""
+    server = await asyncio.to_thread(
+        spawn_server,
+        tmp_path / "stats.db",
+        TASKRING_LOCAL_EXECUTORS="1",
+        TASKRING_LOCAL_MAX_CONCURRENCY="1",
+        TASKRING_LOCAL_TOKEN_DELAY_S="0.02",
+    )
+    server_processes.append(server)
+    address = server.address
+    for prompt in ("one two three", "four five six"):
+        # 3 prompt tokens in; "[local-echo]" and the 3 words out.
+        code, _, err = await run_cli(address, "submit", prompt, "--watch")
+        assert code == 0, err
+    late = " ".join(["word"] * 40)  # 41 tokens at 0.02 s each: far past a 0.05 s deadline
+    code, _, err = await run_cli(address, "submit", late, "--timeout", "0.05", "--watch")
+    assert code == 1, err
+    assert "DEADLINE_EXCEEDED" in err
+    code, _, err = await run_cli(address, "submit", "--text", "a b c d e", "--watch")
+    assert code == 0, err
+    # 1,000 tokens (20 s) hold the only slot while the HIGH one waits behind it.
+    code, out, _ = await run_cli(address, "submit", " ".join(["w"] * 999), "--timeout", "60")
+    assert code == 0
+    async with AsyncTaskringClient(address) as client:  # RUNNING before the next one comes
+        async for event in client.watch(out.strip()):
+            task = task_of(event)
+            if task is not None and task.state == TaskState.Value("TASK_STATE_RUNNING"):
+                break
+    code, _, _ = await run_cli(address, "submit", "wait", "--priority", "high")
+    assert code == 0
+
+    code, out, err = await run_cli(address, "stats")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == (
+        "tasks of anonymous created in the last 1h: 6 (1 queued, 1 running, 3 succeeded, 1 failed)"
+    )
+    header = lines[2].split()
+    assert header == ["TYPE", "BACKEND", "DONE", "OK", "%", "P50", "P99", "ATTEMPTS",
+                      "TOKENS", "IN", "TOKENS", "OUT", "COST"]  # fmt: skip
+    rows = {tuple(line.split()[:2]): line.split() for line in lines[3:5]}
+    chat = rows["chat", "local-1"]
+    assert (chat[2], chat[3], chat[6:]) == ("3", "66.7%", ["1.00", "6", "8", "$0.0000"])
+    embed = rows["embed", "local-1"]
+    assert (embed[2], embed[3], embed[6:]) == ("1", "100.0%", ["1.00", "5", "0", "$0.0000"])
+    queue = lines[lines.index("queue now: 1 queued, 1 running") + 1 :]
+    assert [line.split() for line in queue] == [
+        ["STATE", "URGENT", "HIGH", "NORMAL", "LOW", "TOTAL"],
+        ["QUEUED", "0", "1", "0", "0", "1"],
+        ["RUNNING", "0", "0", "1", "0", "1"],
+    ]
+
+    code, out, err = await run_cli(address, "stats", "--type", "embed", "--json")
+    assert code == 0, err
+    stats = json.loads(out)
+    assert [(g["taskType"], g["finished"], g["inputTokens"]) for g in stats["groups"]] == [
+        ("embed", "1", "5")
+    ]
+    assert "queueDepth" not in stats, "no embed task is waiting"
+    code, out, err = await run_cli(address, "stats", "--window", "30d")
+    assert code == 3
+    assert "INVALID_ARGUMENT" in err
+    assert "window" in err

@@ -83,6 +83,7 @@ kind = "remote"
 [[backends]]
 name = "a"
 kind = "local"
+task_types = ["chat", ""]
 
 [[backends]]
 name = "b"
@@ -100,6 +101,7 @@ input = -1
     assert "routing.load_factor: must be a number >= 1.0" in text
     assert "backends[0].address: a remote backend needs its executor's host:port" in text
     assert "backends[1].name: 'a' used twice" in text
+    assert "backends[1].task_types: must be a non-empty list of non-empty task type" in text
     assert "backends[2].task_types: a anthropic backend runs ['chat'], not ['embed']" in text
     assert "backends[2].max_concurrency: must be a whole number from 1 to 100000" in text
     assert "unknown keys ['colour']" in text

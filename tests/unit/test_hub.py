@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import tracemalloc
+from dataclasses import replace
+
 import pytest
 
 from server.events.hub import EventHub, EventKind, TaskEvent, Watch
-from server.model.task import ChatInput, ChatMessage, Task, TaskSpec, TaskState
+from server.model.task import ChatInput, ChatMessage, ChatOutput, Task, TaskSpec, TaskState
 
 SPEC = TaskSpec(type="chat", input=ChatInput("m", (ChatMessage("user", "hi"),)))
 
@@ -98,3 +101,31 @@ async def test_unsubscribed_watch_receives_nothing(coalesce_after: int) -> None:
         pass
     hub.publish(event(1))
     assert watch.pending == 0
+
+
+def test_a_finished_task_keeps_one_copy_of_its_output_not_one_per_event() -> None:
+    """Every event holds the task as it was then: 200 finished replies of 400 deltas each
+    would keep 80,000 copies of growing text (about 90 MiB here). Finished, each keeps its
+    final task only; a resume gets it as a snapshot."""
+    hub = EventHub(history_per_task=256)
+    tracemalloc.start()
+    try:
+        for n in range(200):
+            text = ""
+            task = Task(f"t{n}", "c", SPEC, TaskState.RUNNING, 0, 9, sequence=1)
+            for sequence in range(2, 402):
+                text += "word "
+                task = replace(task, sequence=sequence, output=ChatOutput(text, ""))
+                hub.publish(TaskEvent(EventKind.OUTPUT, task, "word "))
+            hub.publish(
+                TaskEvent(EventKind.STATE, replace(task, state=TaskState.SUCCEEDED, sequence=402))
+            )
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 5 * 1024 * 1024, f"{held / 2**20:.1f} MiB held for 200 finished tasks"
+    assert hub.history("t0", 100, 402) is None  # resumed by snapshot
+    latest = hub.latest("t0")
+    assert latest is not None
+    assert isinstance(latest.output, ChatOutput)
+    assert latest.output.text == "word " * 400

@@ -659,6 +659,54 @@ class CancelResponse(_message.Message):
 Global___CancelResponse: _TypeAlias = CancelResponse  # noqa: Y015
 
 @_typing.final
+class SubmitAndStreamRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___TaskSpec: ...
+    def __init__(
+        self,
+        *,
+        task: Global___TaskSpec | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitAndStreamRequest: _TypeAlias = SubmitAndStreamRequest  # noqa: Y015
+
+@_typing.final
+class SubmitAndStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATED_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """As SubmitResponse.created, in every message: false when an earlier Submit with the
+    same idempotency key created the task this call follows.
+    """
+    @_builtins.property
+    def event(self) -> Global___StreamResponse:
+        """The event, as Stream would send it; the first is the snapshot."""
+
+    def __init__(
+        self,
+        *,
+        created: _builtins.bool = ...,
+        event: Global___StreamResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "event", b"event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitAndStreamResponse: _TypeAlias = SubmitAndStreamResponse  # noqa: Y015
+
+@_typing.final
 class StreamRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -823,3 +871,210 @@ class ListResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListResponse: _TypeAlias = ListResponse  # noqa: Y015
+
+@_typing.final
+class StatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPES_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only tasks of one of these types (at most 100); empty: all."""
+
+    @_builtins.property
+    def window(self) -> _duration_pb2.Duration:
+        """The figures of StatsResponse.window_counts and groups cover the tasks created within
+        this long before now. Unset: 1 hour. Positive, at most 7 days.
+        """
+
+    def __init__(
+        self,
+        *,
+        types: _abc.Iterable[_builtins.str] | None = ...,
+        window: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["types", b"types", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatsRequest: _TypeAlias = StatsRequest  # noqa: Y015
+
+@_typing.final
+class StateCount(_message.Message):
+    """StateCount is how many tasks are in one state at one priority."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    state: Global___TaskState.ValueType
+    priority: Global___Priority.ValueType
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        state: Global___TaskState.ValueType = ...,
+        priority: Global___Priority.ValueType = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "priority", b"priority", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StateCount: _TypeAlias = StateCount  # noqa: Y015
+
+@_typing.final
+class TaskGroupStats(_message.Message):
+    """TaskGroupStats covers the finished (SUCCEEDED, FAILED or CANCELLED) tasks of one task
+    type whose last attempt ran on one backend, among those created within the window.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_TYPE_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    SUCCEEDED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    SUCCESS_RATE_FIELD_NUMBER: _builtins.int
+    DURATION_P50_FIELD_NUMBER: _builtins.int
+    DURATION_P90_FIELD_NUMBER: _builtins.int
+    DURATION_P99_FIELD_NUMBER: _builtins.int
+    DURATION_SAMPLES_FIELD_NUMBER: _builtins.int
+    MEAN_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    task_type: _builtins.str
+    backend: _builtins.str
+    """The ring member of the tasks' last attempt (Task.backend). Empty for tasks that never
+    ran: cancelled, or past their deadline, while QUEUED.
+    """
+    finished: _builtins.int
+    """succeeded + failed + cancelled."""
+    succeeded: _builtins.int
+    failed: _builtins.int
+    cancelled: _builtins.int
+    success_rate: _builtins.float
+    """succeeded / (succeeded + failed), from 0 to 1; 0 when neither happened. Cancellations
+    are the client's choice, not an outcome of the work, and count on neither side.
+    """
+    duration_samples: _builtins.int
+    """Run times the percentiles come from: the group's newest, at most
+    StatsResponse.duration_sample_limit.
+    """
+    mean_attempts: _builtins.float
+    """Task.attempt averaged over the finished tasks: executions per task, retries included."""
+    input_tokens: _builtins.int
+    """Task.usage summed over the finished tasks (only SUCCEEDED tasks carry usage)."""
+    output_tokens: _builtins.int
+    cost_usd: _builtins.float
+    @_builtins.property
+    def duration_p50(self) -> _duration_pb2.Duration:
+        """Run time percentiles (nearest rank, so each is a run time that occurred) of the
+        SUCCEEDED and FAILED tasks that ran: end_time - start_time, i.e. how long the last
+        attempt took on this backend; time spent queued and earlier attempts are not in it.
+        Unset when duration_samples is 0.
+        """
+
+    @_builtins.property
+    def duration_p90(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def duration_p99(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        task_type: _builtins.str = ...,
+        backend: _builtins.str = ...,
+        finished: _builtins.int = ...,
+        succeeded: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        cancelled: _builtins.int = ...,
+        success_rate: _builtins.float = ...,
+        duration_p50: _duration_pb2.Duration | None = ...,
+        duration_p90: _duration_pb2.Duration | None = ...,
+        duration_p99: _duration_pb2.Duration | None = ...,
+        duration_samples: _builtins.int = ...,
+        mean_attempts: _builtins.float = ...,
+        input_tokens: _builtins.int = ...,
+        output_tokens: _builtins.int = ...,
+        cost_usd: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration_p50", b"duration_p50", "duration_p90", b"duration_p90", "duration_p99", b"duration_p99"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "cancelled", b"cancelled", "cost_usd", b"cost_usd", "duration_p50", b"duration_p50", "duration_p90", b"duration_p90", "duration_p99", b"duration_p99", "duration_samples", b"duration_samples", "failed", b"failed", "finished", b"finished", "input_tokens", b"input_tokens", "mean_attempts", b"mean_attempts", "output_tokens", b"output_tokens", "succeeded", b"succeeded", "success_rate", b"success_rate", "task_type", b"task_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskGroupStats: _TypeAlias = TaskGroupStats  # noqa: Y015
+
+@_typing.final
+class StatsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    COMPUTE_TIME_FIELD_NUMBER: _builtins.int
+    QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
+    WINDOW_COUNTS_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
+    DURATION_SAMPLE_LIMIT_FIELD_NUMBER: _builtins.int
+    client_id: _builtins.str
+    """Whose tasks these are: the caller's client id. (Every client's tasks, with this empty,
+    are for admin callers once API keys exist.)
+    """
+    duration_sample_limit: _builtins.int
+    """The most run times one group's percentiles are computed from (its newest tasks'), which
+    keeps Stats cheap on a busy window.
+    """
+    @_builtins.property
+    def window(self) -> _duration_pb2.Duration:
+        """The window that window_counts and groups cover, ending at compute_time."""
+
+    @_builtins.property
+    def compute_time(self) -> _timestamp_pb2.Timestamp:
+        """When the figures were taken, by the server's clock."""
+
+    @_builtins.property
+    def queue_depth(self) -> _containers.RepeatedCompositeFieldContainer[Global___StateCount]:
+        """The queue depth: tasks QUEUED or RUNNING now, however long ago they were created, by
+        state then priority (highest first). Non-zero counts only.
+        """
+
+    @_builtins.property
+    def window_counts(self) -> _containers.RepeatedCompositeFieldContainer[Global___StateCount]:
+        """Tasks created within the window, in every state, ordered like queue_depth. Non-zero
+        counts only.
+        """
+
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskGroupStats]:
+        """One entry per task type and backend with finished tasks in the window, ordered by
+        task type, then backend.
+        """
+
+    def __init__(
+        self,
+        *,
+        client_id: _builtins.str = ...,
+        window: _duration_pb2.Duration | None = ...,
+        compute_time: _timestamp_pb2.Timestamp | None = ...,
+        queue_depth: _abc.Iterable[Global___StateCount] | None = ...,
+        window_counts: _abc.Iterable[Global___StateCount] | None = ...,
+        groups: _abc.Iterable[Global___TaskGroupStats] | None = ...,
+        duration_sample_limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "compute_time", b"compute_time", "duration_sample_limit", b"duration_sample_limit", "groups", b"groups", "queue_depth", b"queue_depth", "window", b"window", "window_counts", b"window_counts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015

@@ -61,10 +61,20 @@ class TaskServiceStub:
                 request_serializer=taskring_dot_v1_dot_tasks__pb2.StreamRequest.SerializeToString,
                 response_deserializer=taskring_dot_v1_dot_tasks__pb2.StreamResponse.FromString,
                 _registered_method=True)
+        self.SubmitAndStream = channel.unary_stream(
+                '/taskring.v1.TaskService/SubmitAndStream',
+                request_serializer=taskring_dot_v1_dot_tasks__pb2.SubmitAndStreamRequest.SerializeToString,
+                response_deserializer=taskring_dot_v1_dot_tasks__pb2.SubmitAndStreamResponse.FromString,
+                _registered_method=True)
         self.List = channel.unary_unary(
                 '/taskring.v1.TaskService/List',
                 request_serializer=taskring_dot_v1_dot_tasks__pb2.ListRequest.SerializeToString,
                 response_deserializer=taskring_dot_v1_dot_tasks__pb2.ListResponse.FromString,
+                _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/taskring.v1.TaskService/Stats',
+                request_serializer=taskring_dot_v1_dot_tasks__pb2.StatsRequest.SerializeToString,
+                response_deserializer=taskring_dot_v1_dot_tasks__pb2.StatsResponse.FromString,
                 _registered_method=True)
 
 
@@ -108,8 +118,28 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitAndStream(self, request, context):
+        """SubmitAndStream is Submit then Stream in one call, for a client that wants the output
+        as it is generated (a chat UI): one round trip fewer before the first token. The first
+        message is the task's snapshot, sent once the task is durably committed (as Submit's
+        reply is); then every event as Stream sends them, ending after the terminal state. If
+        the call breaks, resume with Stream from the last sequence received.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def List(self, request, context):
         """List returns the caller's tasks, newest first, filtered by state and type.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stats(self, request, context):
+        """Stats summarises the caller's tasks: the queue depth now, and for the tasks created
+        within a recent window their counts by state and priority and, per task type and
+        backend, success rate, run-time percentiles, attempts, tokens and cost.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,10 +168,20 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     request_deserializer=taskring_dot_v1_dot_tasks__pb2.StreamRequest.FromString,
                     response_serializer=taskring_dot_v1_dot_tasks__pb2.StreamResponse.SerializeToString,
             ),
+            'SubmitAndStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubmitAndStream,
+                    request_deserializer=taskring_dot_v1_dot_tasks__pb2.SubmitAndStreamRequest.FromString,
+                    response_serializer=taskring_dot_v1_dot_tasks__pb2.SubmitAndStreamResponse.SerializeToString,
+            ),
             'List': grpc.unary_unary_rpc_method_handler(
                     servicer.List,
                     request_deserializer=taskring_dot_v1_dot_tasks__pb2.ListRequest.FromString,
                     response_serializer=taskring_dot_v1_dot_tasks__pb2.ListResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=taskring_dot_v1_dot_tasks__pb2.StatsRequest.FromString,
+                    response_serializer=taskring_dot_v1_dot_tasks__pb2.StatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +310,33 @@ class TaskService:
             _registered_method=True)
 
     @staticmethod
+    def SubmitAndStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/taskring.v1.TaskService/SubmitAndStream',
+            taskring_dot_v1_dot_tasks__pb2.SubmitAndStreamRequest.SerializeToString,
+            taskring_dot_v1_dot_tasks__pb2.SubmitAndStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def List(request,
             target,
             options=(),
@@ -286,6 +353,33 @@ class TaskService:
             '/taskring.v1.TaskService/List',
             taskring_dot_v1_dot_tasks__pb2.ListRequest.SerializeToString,
             taskring_dot_v1_dot_tasks__pb2.ListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskring.v1.TaskService/Stats',
+            taskring_dot_v1_dot_tasks__pb2.StatsRequest.SerializeToString,
+            taskring_dot_v1_dot_tasks__pb2.StatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,8 +52,20 @@ class TaskServiceStub:
     """Stream sends the task's current snapshot, then every state change and output delta in
     order, each with its sequence number, and ends after the terminal state.
     """
+    SubmitAndStream: _grpc.UnaryStreamMultiCallable[_tasks_pb2.SubmitAndStreamRequest, _tasks_pb2.SubmitAndStreamResponse]
+    """SubmitAndStream is Submit then Stream in one call, for a client that wants the output
+    as it is generated (a chat UI): one round trip fewer before the first token. The first
+    message is the task's snapshot, sent once the task is durably committed (as Submit's
+    reply is); then every event as Stream sends them, ending after the terminal state. If
+    the call breaks, resume with Stream from the last sequence received.
+    """
     List: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ListRequest, _tasks_pb2.ListResponse]
     """List returns the caller's tasks, newest first, filtered by state and type."""
+    Stats: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.StatsRequest, _tasks_pb2.StatsResponse]
+    """Stats summarises the caller's tasks: the queue depth now, and for the tasks created
+    within a recent window their counts by state and priority and, per task type and
+    backend, success rate, run-time percentiles, attempts, tokens and cost.
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -79,8 +91,20 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """Stream sends the task's current snapshot, then every state change and output delta in
     order, each with its sequence number, and ends after the terminal state.
     """
+    SubmitAndStream: _aio.UnaryStreamMultiCallable[_tasks_pb2.SubmitAndStreamRequest, _tasks_pb2.SubmitAndStreamResponse]  # type: ignore[assignment]
+    """SubmitAndStream is Submit then Stream in one call, for a client that wants the output
+    as it is generated (a chat UI): one round trip fewer before the first token. The first
+    message is the task's snapshot, sent once the task is durably committed (as Submit's
+    reply is); then every event as Stream sends them, ending after the terminal state. If
+    the call breaks, resume with Stream from the last sequence received.
+    """
     List: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ListRequest, _tasks_pb2.ListResponse]  # type: ignore[assignment]
     """List returns the caller's tasks, newest first, filtered by state and type."""
+    Stats: _aio.UnaryUnaryMultiCallable[_tasks_pb2.StatsRequest, _tasks_pb2.StatsResponse]  # type: ignore[assignment]
+    """Stats summarises the caller's tasks: the queue depth now, and for the tasks created
+    within a recent window their counts by state and priority and, per task type and
+    backend, success rate, run-time percentiles, attempts, tokens and cost.
+    """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     """TaskService accepts AI tasks, stores each one durably, runs it on a backend of the
@@ -129,11 +153,35 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def SubmitAndStream(
+        self,
+        request: _tasks_pb2.SubmitAndStreamRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_tasks_pb2.SubmitAndStreamResponse], _abc.AsyncIterator[_tasks_pb2.SubmitAndStreamResponse]]:
+        """SubmitAndStream is Submit then Stream in one call, for a client that wants the output
+        as it is generated (a chat UI): one round trip fewer before the first token. The first
+        message is the task's snapshot, sent once the task is durably committed (as Submit's
+        reply is); then every event as Stream sends them, ending after the terminal state. If
+        the call breaks, resume with Stream from the last sequence received.
+        """
+
+    @_abc_1.abstractmethod
     def List(
         self,
         request: _tasks_pb2.ListRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tasks_pb2.ListResponse, _abc.Awaitable[_tasks_pb2.ListResponse]]:
         """List returns the caller's tasks, newest first, filtered by state and type."""
+
+    @_abc_1.abstractmethod
+    def Stats(
+        self,
+        request: _tasks_pb2.StatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.StatsResponse, _abc.Awaitable[_tasks_pb2.StatsResponse]]:
+        """Stats summarises the caller's tasks: the queue depth now, and for the tasks created
+        within a recent window their counts by state and priority and, per task type and
+        backend, success rate, run-time percentiles, attempts, tokens and cost.
+        """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
