@@ -61,10 +61,12 @@ async def test_every_acknowledged_task_finishes_after_kill_and_restart(
 LOAD = 2000
 IN_FLIGHT = 32
 KILL_AFTER_ACKNOWLEDGED = 1500
-# 3 executors x 8 slots; each task ("load i a b c" echoed) is ~7 tokens x 20 ms ≈ 0.15 s,
-# so the first server finishes ~160 tasks/s while Submit takes ~1,000/s: the queue grows.
+# 3 executors x 8 slots; each task ("load i a b c" echoed) is ~7 tokens x 100 ms ≈ 0.7 s,
+# so the first server finishes ~35 tasks/s while Submit takes ~1,000/s: the queue grows.
+# Long tasks keep every slot busy at the kill even when a loaded machine starves the claim
+# loop for a moment (with 0.15 s tasks, CI once caught all 24 slots between tasks).
 SLOTS = 3 * 8
-SLOW_ENV = {"TASKRING_LOCAL_TOKEN_DELAY_S": "0.02", "TASKRING_LOCAL_MAX_CONCURRENCY": "8"}
+SLOW_ENV = {"TASKRING_LOCAL_TOKEN_DELAY_S": "0.1", "TASKRING_LOCAL_MAX_CONCURRENCY": "8"}
 
 
 async def list_ids(
