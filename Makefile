@@ -16,7 +16,7 @@ TS_PROTO := $(TOOLS)/.ts-proto-$(TS_PROTO_VERSION)
 NODE_TEST := tests/node
 NODE_TEST_DEPS := $(NODE_TEST)/node_modules/.installed
 
-.PHONY: setup tools run test lint fmt proto gen bench clean
+.PHONY: setup tools system-packages run test lint fmt proto gen bench clean
 
 setup: $(VENV)/.installed
 
@@ -28,7 +28,11 @@ $(VENV)/.installed: pyproject.toml
 
 tools: $(BUF) $(GRPCURL) $(TS_PROTO) $(NODE_TEST_DEPS)
 
-$(BUF):
+# npm (for buf and the Node.js test), Prometheus and kubectl, from Debian when missing.
+system-packages:
+	.ci/system-packages
+
+$(BUF): | system-packages
 	mkdir -p $(TOOLS)
 	npm install --silent --no-audit --no-fund --prefix $(TOOLS) $(BUF_NPM)
 
@@ -40,7 +44,7 @@ $(TS_PROTO): | $(BUF)
 
 # The Node.js client test's packages, exactly as its package-lock.json pins them. No install
 # scripts: none needs one (protobufjs' only warns about version ranges it dislikes).
-$(NODE_TEST_DEPS): $(NODE_TEST)/package-lock.json
+$(NODE_TEST_DEPS): $(NODE_TEST)/package-lock.json | system-packages
 	npm ci --silent --no-audit --no-fund --ignore-scripts --prefix $(NODE_TEST)
 	touch $@
 
@@ -54,7 +58,7 @@ $(GRPCURL): | $(VENV)/.installed
 run: setup
 	$(PY) -m server
 
-test: setup tools
+test: setup tools system-packages
 	PATH="$(CURDIR)/$(TOOLS)/bin:$(CURDIR)/$(TOOLS)/node_modules/.bin:$$PATH" $(PY) -m pytest
 
 lint: setup tools
