@@ -29,7 +29,7 @@ from .events.recorder import ChangeRecorder
 from .housekeeping import Housekeeper
 from .model.errors import StoreError
 from .observability.metrics import NO_METRICS, Metrics, MetricsEndpoint, PrometheusMetrics, Sources
-from .observability.tracing import TaskSpans, tracer_for
+from .observability.tracing import HeadSampling, TaskSpans, tracing_for
 from .store.sqlite import SqliteTaskStore
 from .tasks import TaskManager
 from .tasktypes import TaskTypes
@@ -60,9 +60,11 @@ class App:
         dispatch: DispatchSettings | None = None,
         circuit: CircuitSettings | None = None,
         tracer_provider: TracerProvider | None = None,
+        sampling: HeadSampling | None = None,
     ) -> None:
         """`tracer_provider` replaces the global one process.run installs (tests pass their
-        own); tracing is off when neither exists."""
+        own; `sampling` then says which traces it keeps, all by default); tracing is off
+        when neither exists."""
         self.settings = settings
         self.clock = clock or SystemClock()
         # Raises TaskTypeConfigError naming each problem: a bad handler fails the start.
@@ -76,7 +78,7 @@ class App:
             else configured_backends(settings, handlers, os.environ)
         )
         self.store = SqliteTaskStore(settings.store.sqlite_path, settings.store.sqlite_synchronous)
-        tracer = tracer_for(tracer_provider)
+        tracing = tracing_for(tracer_provider, sampling)
         self.hub = EventHub()
         # Metrics turned off record nothing, rather than count what nobody can read.
         prometheus = (
@@ -100,7 +102,7 @@ class App:
             self.clock,
             dispatch or DispatchSettings(),
             metrics=self.metrics,
-            spans=None if tracer is None else TaskSpans(tracer),
+            spans=None if tracing is None else TaskSpans(tracing.tracer),
         )
         self.tasks = TaskManager(
             self.store,
@@ -118,7 +120,7 @@ class App:
         )
         self.admin.specs.update({spec.name: spec for spec in settings.file.backends})
         self.server = build_server(
-            TaskServicer(self.tasks, self.metrics), self.health, self.admin, tracer
+            TaskServicer(self.tasks, self.metrics), self.health, self.admin, tracing
         )
         self.port = 0
         self.metrics_endpoint: MetricsEndpoint | None = None

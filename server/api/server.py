@@ -6,10 +6,9 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.trace import Tracer
 
 from client._proto.taskring.v1 import admin_pb2, admin_pb2_grpc, tasks_pb2, tasks_pb2_grpc
-from server.observability.tracing import ServerTracing
+from server.observability.tracing import ServerTracing, Tracing
 
 from .admin import AdminServicer
 from .servicer import TaskServicer
@@ -29,11 +28,12 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
-def new_server(tracer: Tracer | None = None) -> grpc.aio.Server:
+def new_server(tracing: Tracing | None = None) -> grpc.aio.Server:
     """A grpc.aio server with the options every taskring process (router, executor) uses;
-    with a `tracer`, a span per RPC (without one, no interceptor: nothing to pay per call)."""
+    with `tracing`, a span per RPC it samples (without, no interceptor: nothing to pay per
+    call)."""
     return grpc.aio.server(
-        interceptors=[ServerTracing(tracer)] if tracer is not None else None,
+        interceptors=[ServerTracing(tracing)] if tracing is not None else None,
         options=[
             # gRPC sets SO_REUSEPORT by default: a second server on a busy port would
             # silently "succeed" and share it. Fail loudly instead.
@@ -48,9 +48,9 @@ def build_server(
     servicer: TaskServicer,
     health_servicer: health.aio.HealthServicer,
     admin: AdminServicer,
-    tracer: Tracer | None = None,
+    tracing: Tracing | None = None,
 ) -> grpc.aio.Server:
-    server = new_server(tracer)
+    server = new_server(tracing)
     tasks_pb2_grpc.add_TaskServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)

@@ -222,7 +222,7 @@ class Dispatcher:
             attempt.stop_reason = StopReason.SHUTDOWN
         if self._spans is not None:
             attempt.trace_parent = self._spans.dispatched(task)
-        run = self._run(attempt) if self._spans is None else self._run_traced(attempt)
+        run = self._run(attempt) if attempt.trace_parent is None else self._run_traced(attempt)
         attempt.runner = asyncio.create_task(run, name=f"attempt:{task.id}")
         self._running[task.id] = attempt
         self.started += 1
@@ -273,12 +273,13 @@ class Dispatcher:
         return started_any and len(candidates) == free
 
     async def _run_traced(self, attempt: _Attempt) -> None:
-        """`_run` inside the attempt's span (see server/observability/tracing.py)."""
-        spans = self._spans
-        if spans is None:
+        """`_run` inside the attempt's span (see server/observability/tracing.py), for a
+        task whose trace is kept."""
+        spans, parent = self._spans, attempt.trace_parent
+        if spans is None or parent is None:
             await self._run(attempt)
             return
-        with spans.attempt(attempt.task, attempt.trace_parent) as span:
+        with spans.attempt(attempt.task, parent) as span:
             try:
                 await self._run(attempt)
             finally:
@@ -286,7 +287,7 @@ class Dispatcher:
         if attempt.task.state is TaskState.QUEUED:
             # The retry belongs to the same trace; its wait starts now. (No await since the
             # requeue was stored: the claim loop cannot have taken it yet.)
-            spans.queued(attempt.task.id, attempt.trace_parent)
+            spans.queued(attempt.task.id, parent)
 
     async def _run(self, attempt: _Attempt) -> None:
         # The attempt's asyncio task, and those it starts, log with the task's ids.

@@ -4,6 +4,7 @@ router's health checks and Kubernetes probes) and reflection."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from types import TracebackType
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,7 +22,7 @@ from server.observability.metrics import (
     PrometheusMetrics,
     Sources,
 )
-from server.observability.tracing import tracer_for
+from server.observability.tracing import tracing_for
 from server.tasktypes import TaskTypes
 
 from .service import ExecutorServicer
@@ -65,7 +66,12 @@ class ExecutorApp:
             self.metrics_endpoint = MetricsEndpoint(prometheus, settings.metrics_listen)
         self.metrics_port = 0  # the bound metrics port (TASKRING_METRICS_LISTEN=...:0)
         self.health = health.aio.HealthServicer()
-        self.server = new_server(tracer_for(tracer_provider))
+        tracing = tracing_for(tracer_provider)
+        # Traces only the calls its router traced: an Execute span without its router's
+        # spans would be an orphan, and a router sends no traceparent for traces it drops.
+        self.server = new_server(
+            None if tracing is None else replace(tracing, head=tracing.head.starts_no_trace())
+        )
         executor_pb2_grpc.add_ExecutorServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from opentelemetry import context as otel_context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
+from opentelemetry.sdk.trace.sampling import Sampler
 from opentelemetry.trace import SpanKind, StatusCode
 
 from client._proto.taskring.v1 import tasks_pb2 as pb
@@ -29,6 +30,7 @@ from server.config_file import read_file_config
 from server.executor.app import ExecutorApp
 from server.model.task import CustomOutput, Task
 from server.observability import tracing
+from server.observability.follow_sampler import FollowHeadSampling
 from tests.api.test_dispatch import custom_spec
 from tests.conftest import (
     FAST_RETRY,
@@ -48,10 +50,12 @@ EXECUTE = "taskring.v1.ExecutorService/Execute"
 SECRET = "sk-test-0123456789abcdefghijklmnopqrstuvwxyz"
 
 
-def traced(service: str) -> tuple[TracerProvider, InMemorySpanExporter]:
+def traced(
+    service: str, sampler: Sampler | None = None
+) -> tuple[TracerProvider, InMemorySpanExporter]:
     """A provider of one process (by its service name) that keeps its spans in memory."""
     exporter = InMemorySpanExporter()
-    provider = TracerProvider(resource=Resource({SERVICE_NAME: service}))
+    provider = TracerProvider(resource=Resource({SERVICE_NAME: service}), sampler=sampler)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     return provider, exporter
 
@@ -306,7 +310,7 @@ async def test_tracing_is_off_by_default(
 ) -> None:
     """Without a tracer provider (none installed, none passed) there is no tracer, and no
     request carries a trace context, even when the client sent one."""
-    assert tracing.tracer_for(None) is None
+    assert tracing.tracing_for(None) is None
     openai, anthropic = fakes
     app = App(provider_settings(tmp_path, openai, anthropic, monkeypatch), dispatch=FAST_RETRY)
     await app.start()
@@ -357,27 +361,105 @@ def test_the_otel_variables_choose_the_exporters(
         provider.shutdown()
 
 
-def test_one_new_trace_in_ten_is_kept_unless_otel_traces_sampler_says(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, tracing.HeadSampling(0.1, follow_parent=True)),
+        ({"OTEL_TRACES_SAMPLER": "parentbased_always_on"}, tracing.HeadSampling(1.0, True)),
+        ({"OTEL_TRACES_SAMPLER": "always_off"}, tracing.HeadSampling(0.0, False)),
+        (
+            {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": ".25"},
+            tracing.HeadSampling(0.25, True),
+        ),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio"}, tracing.HeadSampling(1.0, False)),
+    ],
+)
+def test_otel_traces_sampler_sets_the_head_sampling(
+    environ: dict[str, str], expected: tracing.HeadSampling
 ) -> None:
-    """The default keeps Submit's cost down; callers that trace themselves are followed."""
-    environ = {"OTEL_TRACES_EXPORTER": "console"}
-    provider = tracing.provider_from_env(environ, "taskring-router")
-    assert provider is not None
+    """Unset: 1 new trace in 10 kept (Submit's cost), callers' sampled traces followed."""
+    assert tracing.head_sampling_from_env(environ) == expected
+
+
+def test_the_head_keeps_new_traces_at_its_ratio_and_follows_callers() -> None:
+    head = tracing.HeadSampling(0.1)
+    kept = sum(head.keeps(None) for _ in range(10_000))
+    assert 850 <= kept <= 1150  # 1,000 expected; 5 standard deviations either side
+    _, _, sampled = client_traceparent()
+    not_sampled = ((sampled[0][0], sampled[0][1][:-2] + "00"),)
+    assert head.keeps(tracing.incoming_context(sampled))
+    assert not head.keeps(tracing.incoming_context(not_sampled))
+    assert not tracing.HeadSampling(0.0, follow_parent=False).keeps(
+        tracing.incoming_context(sampled)
+    )
+
+
+def test_the_sdk_keeps_only_spans_of_kept_traces() -> None:
+    """A library's span outside any task (the Anthropic SDK makes one per call) starts no
+    trace of its own; under a kept RPC's span it joins that trace."""
+    provider, exporter = traced(tracing.ROUTER_SERVICE, FollowHeadSampling())
+    tracer = provider.get_tracer("some.library")
+    tracer.start_span("outside a task").end()
+    kept = otel_context.set_value(tracing.KEPT, True)
+    with tracer.start_as_current_span("a kept RPC", context=kept):
+        tracer.start_span("inside it").end()
+    assert [span.name for span in exporter.get_finished_spans()] == ["inside it", "a kept RPC"]
+
+
+@pytest.mark.parametrize(
+    ("environ", "named_variable"),
+    [
+        ({"OTEL_TRACES_SAMPLER": "jaeger_remote"}, "OTEL_TRACES_SAMPLER"),
+        (
+            {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "half"},
+            "OTEL_TRACES_SAMPLER_ARG",
+        ),
+        (
+            {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1.5"},
+            "OTEL_TRACES_SAMPLER_ARG",
+        ),
+    ],
+)
+def test_unsupported_samplers_are_refused_by_name(
+    environ: dict[str, str], named_variable: str
+) -> None:
+    with pytest.raises(tracing.TracingConfigError, match=named_variable):
+        tracing.provider_from_env({"OTEL_TRACES_EXPORTER": "console", **environ}, "r")
+
+
+async def test_a_task_whose_trace_is_not_kept_has_no_spans_and_sends_no_traceparent(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fakes: tuple[FakeOpenAI, FakeAnthropic],
+) -> None:
+    """With no new trace kept, a task runs as if untraced: no span in the router, no
+    traceparent to the provider; a caller's sampled trace is still followed."""
+    openai, anthropic = fakes
+    provider, exporter = traced(tracing.ROUTER_SERVICE)
+    app = App(
+        provider_settings(tmp_path, openai, anthropic, monkeypatch),
+        dispatch=FAST_RETRY,
+        tracer_provider=provider,
+        sampling=tracing.HeadSampling(0.0),
+    )
+    await app.start()
     try:
-        assert isinstance(provider.sampler, ParentBasedTraceIdRatio)
-        description = provider.sampler.get_description()  # type: ignore[no-untyped-call]
-        assert "TraceIdRatioBased{0.1}" in description
+        async with grpc.aio.insecure_channel(app.address) as channel:
+            stub = tasks_pb2_grpc.TaskServiceStub(channel)
+            untraced = (await stub.Submit(chat(0))).task
+            await wait_terminal(stub, untraced.id)
+            assert exporter.get_finished_spans() == ()
+            trace_id, _, metadata = client_traceparent()
+            followed = (await stub.Submit(chat(0), metadata=metadata)).task
+            await wait_terminal(stub, followed.id)
     finally:
-        provider.shutdown()
-    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_on")
-    environ["OTEL_TRACES_SAMPLER"] = "parentbased_always_on"
-    provider = tracing.provider_from_env(environ, "taskring-router")
-    assert provider is not None
-    try:
-        assert "AlwaysOnSampler" in provider.sampler.get_description()
-    finally:
-        provider.shutdown()
+        await app.stop()
+    requests = openai.requests + anthropic.requests
+    assert len(requests) == 2
+    assert "traceparent" not in requests[0].headers
+    assert requests[1].headers["traceparent"].split("-")[1] == trace_id
+    [submit] = named(exporter.get_finished_spans(), SUBMIT)
+    assert ids(submit)[0] == trace_id
 
 
 def test_otel_service_name_wins_over_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
