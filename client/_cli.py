@@ -8,10 +8,12 @@ gRPC status (printed as "error: CODE: message"), 64 bad usage, 130 interrupted (
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import re
+import secrets
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC
@@ -83,7 +85,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
-    """The argument parser; `env` supplies TASKRING_TARGET (os.environ in `main`)."""
+    """The argument parser; `env` supplies TASKRING_TARGET (os.environ in `main`). The API
+    key comes from TASKRING_API_KEY only: a flag would show it in `ps` and shell history."""
     parser = _Parser(prog="taskring", description="Submit and follow taskring tasks.")
     parser.add_argument(
         "--target",
@@ -202,11 +205,21 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     stats.add_argument("--json", action="store_true", help="print the StatsResponse as JSON")
 
+    _add_keygen(commands)
     watch = commands.add_parser("watch", help="follow a task until it finishes")
     watch.set_defaults(run=_watch)
     watch.add_argument("task_id", metavar="ID")
     watch.add_argument("--after-sequence", type=int, default=0, metavar="N")
     return parser
+
+
+def _add_keygen(commands: Any) -> None:  # argparse's _SubParsersAction is private
+    keygen = commands.add_parser(
+        "keygen",
+        help="print a new API key for CLIENT and the [[api_keys]] entry the server needs",
+    )
+    keygen.add_argument("client", metavar="CLIENT", help="the client id the key stands for")
+    keygen.add_argument("--admin", action="store_true", help="the key may use AdminService")
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -625,6 +638,23 @@ def _follow(client: TaskringClient, task_id: str, after_sequence: int) -> int:
     return exit_code_for(printer.task.state)
 
 
+# Marks a string as a taskring key (in a leaked file, a secret scanner's pattern).
+KEY_PREFIX = "trk_"
+
+
+def _keygen(client_id: str, admin: bool) -> int:
+    """The key to stdout (for the client), the server's entry to stderr (for its operator),
+    so `taskring keygen team-a > team-a.key` keeps the key out of the terminal."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    print(key)
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    entry = f'[[api_keys]]\nclient = {json.dumps(client_id)}\nsha256 = "{digest}"\n'
+    if admin:
+        entry += "admin = true\n"
+    print(f"# add to the server's TASKRING_CONFIG:\n{entry}", file=sys.stderr, end="")
+    return EXIT_SUCCEEDED
+
+
 def _seconds(raw: str) -> float:
     """A positive, finite number of seconds: a usage error (exit 64) otherwise, not a
     traceback that would exit 1 like a FAILED task."""
@@ -644,9 +674,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error _Parser.error reported
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    if args.command == "keygen":
+        return _keygen(args.client, args.admin)
     command: _Command = args.run
     try:
-        with TaskringClient(args.target) as client:
+        with TaskringClient(args.target, api_key=os.environ.get("TASKRING_API_KEY")) as client:
             return command(client, args)
     except UsageError as err:
         print(f"taskring {args.command}: error: {err}", file=sys.stderr)

@@ -223,12 +223,21 @@ class _Resumer:
 # --- clients -----------------------------------------------------------------------------
 
 
+def _call_metadata(
+    api_key: str | None, metadata: Sequence[tuple[str, str]]
+) -> tuple[tuple[str, str], ...] | None:
+    """What every call sends: the API key as `authorization: Bearer`, then `metadata`."""
+    key = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+    return (*key, *metadata) or None
+
+
 class AsyncTaskringClient:
     """A grpc.aio client; use as `async with AsyncTaskringClient() as client:`.
 
     `timeout_s` is the deadline of each unary call (None: none); streams have none unless
-    asked. `metadata` is sent with every call. A `channel` passed in stays the caller's to
-    close; otherwise the client opens an insecure channel to `target` and closes it.
+    asked. `api_key` (a server with keys needs one) and `metadata` are sent with every call.
+    A `channel` passed in stays the caller's to close; otherwise the client opens an
+    insecure channel to `target` and closes it.
     """
 
     def __init__(
@@ -237,6 +246,7 @@ class AsyncTaskringClient:
         *,
         channel: grpc.aio.Channel | None = None,
         timeout_s: float | None = 30.0,
+        api_key: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
         self._owns_channel = channel is None
@@ -248,7 +258,7 @@ class AsyncTaskringClient:
             self._channel
         )
         self._timeout_s = timeout_s
-        self._metadata = tuple(metadata) or None
+        self._metadata = _call_metadata(api_key, metadata)
         self._closed = False
 
     async def __aenter__(self) -> Self:
@@ -447,6 +457,7 @@ class TaskringClient:
         *,
         channel: grpc.Channel | None = None,
         timeout_s: float | None = 30.0,
+        api_key: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
         self._owns_channel = channel is None
@@ -454,7 +465,7 @@ class TaskringClient:
         self._stub = tasks_pb2_grpc.TaskServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
         self._timeout_s = timeout_s
-        self._metadata = tuple(metadata) or None
+        self._metadata = _call_metadata(api_key, metadata)
 
     def __enter__(self) -> Self:
         return self

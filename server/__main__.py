@@ -13,7 +13,7 @@ import sys
 from . import process
 from .app import App
 from .backends.factory import BackendConfigError
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, is_loopback
 from .model.errors import StoreError
 from .tasktypes import TaskTypeConfigError
 
@@ -44,6 +44,14 @@ async def serve(settings: Settings) -> int:
     # Tests and scripts read this line to learn the port (TASKRING_LISTEN=127.0.0.1:0).
     print(f"taskring listening on {app.address}", flush=True)
     _log.info("serving with store %s and backends %s", settings.store.url, ", ".join(app.backends))
+    if settings.file.api_keys:
+        _log.info("API keys required: %d configured", len(settings.file.api_keys))
+    elif not is_loopback(settings.server.listen):
+        _log.warning(
+            "TASKRING_INSECURE: no API keys, and %s is reachable from other machines:"
+            " anyone who reaches it may submit, read and cancel tasks",
+            settings.server.listen,
+        )
     try:
         await stop.wait()
     finally:

@@ -13,6 +13,9 @@ from types import TracebackType
 from grpc_health.v1 import health
 from opentelemetry.trace import TracerProvider
 
+from .admission.auth import Authenticator
+from .admission.gate import Gate
+from .admission.limits import ClientLimiter
 from .api.admin import AdminServicer
 from .api.server import LIVENESS_SERVICE, NOT_SERVING, READINESS_SERVICE, SERVING, build_server
 from .api.servicer import TaskServicer
@@ -115,12 +118,15 @@ class App:
             self.task_types,
         )
         self.health = health.aio.HealthServicer()
+        self.gate = Gate(Authenticator(settings.file.api_keys), ClientLimiter(settings.file.limits))
         self.admin = AdminServicer(
-            members, lambda spec: build_backend(spec, handlers, os.environ, settings.file)
+            members,
+            lambda spec: build_backend(spec, handlers, os.environ, settings.file),
+            self.gate,
         )
         self.admin.specs.update({spec.name: spec for spec in settings.file.backends})
         self.server = build_server(
-            TaskServicer(self.tasks, self.metrics), self.health, self.admin, tracing
+            TaskServicer(self.tasks, self.gate, self.metrics), self.health, self.admin, tracing
         )
         self.port = 0
         self.metrics_endpoint: MetricsEndpoint | None = None

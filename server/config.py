@@ -38,6 +38,7 @@ host; containers set 0.0.0.0:9464) and:
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
@@ -69,6 +70,8 @@ class ServerSettings:
     # (from_env asks for 127.0.0.1:9464): servers built in code, as tests build them, must
     # not contend for one fixed port.
     metrics_listen: str = ""
+    # Serve without API keys on an address other machines can reach (TASKRING_INSECURE).
+    insecure: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +120,7 @@ class Settings:
                 log_level=reader.get("TASKRING_LOG_LEVEL", "INFO", _one_of(LOG_LEVELS)),
                 log_format=reader.get("TASKRING_LOG_FORMAT", "json", _log_format),
                 metrics_listen=_metrics_listen(env, reader),
+                insecure=reader.get("TASKRING_INSECURE", False, _bool),
             ),
             store=StoreSettings(
                 url=reader.get("TASKRING_STORE", "sqlite:///taskring.db", _store_url),
@@ -150,6 +154,14 @@ class Settings:
         if settings.tasks.default_timeout_s > settings.tasks.max_timeout_s:
             reader.problems.append(
                 "TASKRING_DEFAULT_TIMEOUT_S must not exceed TASKRING_MAX_TIMEOUT_S"
+            )
+        open_to_others = not is_loopback(settings.server.listen)
+        if open_to_others and not settings.file.api_keys and not settings.server.insecure:
+            reader.problems.append(
+                f"TASKRING_LISTEN={settings.server.listen} is reachable from other machines"
+                " but no API keys are configured: add [[api_keys]] to TASKRING_CONFIG"
+                " (`taskring keygen CLIENT` prints one), listen on 127.0.0.1, or set"
+                " TASKRING_INSECURE=true to let anyone in"
             )
         if reader.problems:
             raise ConfigError(reader.problems)
@@ -255,6 +267,24 @@ def _host_port(raw: str) -> str:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ValueError("expected host:port, e.g. 127.0.0.1:50051 or [::1]:50051")
     return raw
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in {"true", "false", "1", "0", "yes", "no"}:
+        raise ValueError("expected true or false")
+    return value in {"true", "1", "yes"}
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether host:port is reachable from this machine only."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name, or 0.0.0.0 / [::]: other machines may reach it
 
 
 ROUTER_METRICS_LISTEN = "127.0.0.1:9464"

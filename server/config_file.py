@@ -26,12 +26,25 @@ and custom task types. Everything else is set through TASKRING_* environment var
     [task_types.summarize]        # see examples/README.md
     handler = "examples.summarize:summarize"
 
+    [[api_keys]]                  # `taskring keygen CLIENT` prints a new key and its entry
+    client = "team-a"             # the client id the key stands for
+    sha256 = "3b1f...64 hex"      # of the key: the key itself is never stored
+    admin = false                 # admins may use AdminService and see every client's Stats
+
+    [limits]                      # per client: every TaskService call takes one token
+    rate = 50                     # tokens added per second
+    burst = 100                   # the bucket's size
+    [limits.clients."team-a"]     # a client's own rate and burst instead
+    rate = 200
+    burst = 400
+
 Every problem in the file is reported at once, each with its place (`backends[2].address`).
 """
 
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -69,10 +82,38 @@ class ModelPrice:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A configured API key: its SHA-256 (hex), never the key, and whom it identifies."""
+
+    client_id: str
+    sha256: str
+    admin: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A token bucket: `rate` tokens a second into a bucket of `burst`."""
+
+    rate: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Admission limits per client: `default` for every client (None: unlimited) unless
+    `clients` names the client."""
+
+    default: RateLimit | None = None
+    clients: Mapping[str, RateLimit] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class FileConfig:
     backends: tuple[BackendSpec, ...] = ()
     load_factor: float = DEFAULT_LOAD_FACTOR
     prices: Mapping[str, ModelPrice] = field(default_factory=dict)
+    api_keys: tuple[ApiKey, ...] = ()
+    limits: Limits = field(default_factory=Limits)
     # Raw [task_types.<name>] tables; server.tasktypes checks and loads them.
     task_types: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # Relative paths in the file (schemas, secret files) are relative to its directory.
@@ -98,18 +139,92 @@ def read_file_config(path: str | Path) -> tuple[FileConfig, list[str]]:
         return FileConfig(), [f"{path}: not valid TOML: {exc}"]
     problems = _Problems()
     problems.check(
-        not (unknown := set(raw) - {"routing", "backends", "prices", "task_types"}),
+        not (unknown := set(raw) - _SECTIONS),
         str(path),
-        f"unknown sections {sorted(unknown)}; expected routing, backends, prices, task_types",
+        f"unknown sections {sorted(unknown)}; expected {', '.join(sorted(_SECTIONS))}",
     )
     config = FileConfig(
         backends=_backends(raw.get("backends", []), problems),
         load_factor=_load_factor(raw.get("routing", {}), problems),
         prices=_prices(raw.get("prices", {}), problems),
+        api_keys=_api_keys(raw.get("api_keys", []), problems),
+        limits=_limits(raw.get("limits", {}), problems),
         task_types=_tables(raw.get("task_types", {}), "task_types", problems),
         base_dir=path.resolve().parent,
     )
     return config, [f"{path}: {p}" for p in problems]
+
+
+_SECTIONS = frozenset({"routing", "backends", "prices", "task_types", "api_keys", "limits"})
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _api_keys(raw: object, problems: _Problems) -> tuple[ApiKey, ...]:
+    if not problems.check(isinstance(raw, list), "api_keys", "must be an array of tables"):
+        return ()
+    assert isinstance(raw, list)
+    keys: dict[str, ApiKey] = {}
+    for i, entry in enumerate(raw):
+        where = f"api_keys[{i}]"
+        if not problems.check(isinstance(entry, dict), where, "must be a table"):
+            continue
+        problems.check(
+            not (unknown := set(entry) - {"client", "sha256", "admin"}),
+            where,
+            f"unknown keys {sorted(unknown)}; expected client, sha256, admin",
+        )
+        client, digest, admin = entry.get("client"), entry.get("sha256"), entry.get("admin", False)
+        ok = problems.check(
+            isinstance(client, str) and 0 < len(client) <= 128 and client.isprintable(),
+            f"{where}.client",
+            "required: the client id, 1 to 128 printable characters",
+        )
+        ok &= problems.check(
+            isinstance(digest, str) and bool(_SHA256_HEX.fullmatch(digest)),
+            f"{where}.sha256",
+            "required: the key's SHA-256 as 64 lowercase hex digits (`taskring keygen`)",
+        )
+        ok &= problems.check(isinstance(admin, bool), f"{where}.admin", "must be true or false")
+        if ok and problems.check(
+            digest not in keys, f"{where}.sha256", "the same key is configured twice"
+        ):
+            keys[str(digest)] = ApiKey(str(client), str(digest), bool(admin))
+    return tuple(keys.values())
+
+
+def _limits(raw: object, problems: _Problems) -> Limits:
+    if not problems.check(isinstance(raw, dict), "limits", "must be a table"):
+        return Limits()
+    assert isinstance(raw, dict)
+    default = _rate_limit({k: v for k, v in raw.items() if k != "clients"}, "limits", problems)
+    clients: dict[str, RateLimit] = {}
+    for client, entry in _tables(raw.get("clients", {}), "limits.clients", problems).items():
+        limit = _rate_limit(entry, f"limits.clients.{client!r}", problems)
+        if limit is not None:
+            clients[client] = limit
+    return Limits(default, clients)
+
+
+def _rate_limit(entry: Mapping[str, Any], where: str, problems: _Problems) -> RateLimit | None:
+    if not entry:
+        return None
+    problems.check(
+        not (unknown := set(entry) - {"rate", "burst"}),
+        where,
+        f"unknown keys {sorted(unknown)}; expected rate, burst",
+    )
+    rate, burst = entry.get("rate"), entry.get("burst")
+    ok = problems.check(
+        isinstance(rate, int | float) and not isinstance(rate, bool) and 0 < rate <= 1e6,
+        f"{where}.rate",
+        "required: tokens per second, above 0 and at most 1000000",
+    )
+    ok &= problems.check(
+        isinstance(burst, int) and not isinstance(burst, bool) and 1 <= burst <= 1_000_000,
+        f"{where}.burst",
+        "required: the bucket's size, a whole number from 1 to 1000000",
+    )
+    return RateLimit(float(rate), int(burst)) if ok else None  # type: ignore[arg-type]
 
 
 def _load_factor(routing: object, problems: _Problems) -> float:

@@ -8,6 +8,8 @@ import grpc
 
 from client._proto.taskring.v1 import admin_pb2 as apb
 from client._proto.taskring.v1 import admin_pb2_grpc
+from server.admission.auth import require_admin
+from server.admission.gate import Gate
 from server.admission.validate import clip, reportable, shown
 from server.api.convert import timestamp_to_pb
 from server.api.status import to_status
@@ -17,7 +19,7 @@ from server.backends.remote import RemoteBackend
 from server.config_file import ANTHROPIC, OPENAI, BackendSpec, read_backend_table
 from server.dispatch.circuit import CircuitState
 from server.dispatch.members import Members, MembershipError, MemberView
-from server.model.errors import FieldViolation, InvalidArgumentError
+from server.model.errors import FieldViolation, InvalidArgumentError, TaskringError
 
 BuildBackend = Callable[[BackendSpec], Backend]
 KEYED_KINDS = frozenset({OPENAI, ANTHROPIC})
@@ -30,15 +32,25 @@ _CIRCUIT_TO_PB = {
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, members: Members, build: BuildBackend) -> None:
+    """Every call needs an admin's API key (when keys are configured)."""
+
+    def __init__(self, members: Members, build: BuildBackend, gate: Gate) -> None:
         self._members = members
         self._build = build
+        self._gate = gate
         # Specs of members this router knows how to describe (configured or added here).
         self.specs: dict[str, BackendSpec] = {}
+
+    async def _admitted(self, context: grpc.aio.ServicerContext[object, object]) -> None:
+        try:
+            require_admin(self._gate.identify(context))
+        except TaskringError as exc:
+            await context.abort_with_status(to_status(exc))
 
     async def ListBackends(  # noqa: N802 - the proto's method names
         self, request: apb.ListBackendsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> apb.ListBackendsResponse:
+        await self._admitted(context)
         return apb.ListBackendsResponse(
             backends=[self._status(view) for view in self._members.views()]
         )
@@ -46,6 +58,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def AddBackend(  # noqa: N802
         self, request: apb.AddBackendRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> apb.AddBackendResponse:
+        await self._admitted(context)
         config = request.backend
         table: dict[str, object] = {"name": config.name, "kind": config.kind}
         for key in ("address", "base_url", "api_key_env"):
@@ -92,6 +105,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def DrainBackend(  # noqa: N802
         self, request: apb.DrainBackendRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> apb.DrainBackendResponse:
+        await self._admitted(context)
         try:
             self._members.drain(request.name)
             view = self._members.view(request.name)
@@ -102,6 +116,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ResumeBackend(  # noqa: N802
         self, request: apb.ResumeBackendRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> apb.ResumeBackendResponse:
+        await self._admitted(context)
         try:
             self._members.resume(request.name)
             view = self._members.view(request.name)
@@ -112,6 +127,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def RemoveBackend(  # noqa: N802
         self, request: apb.RemoveBackendRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> apb.RemoveBackendResponse:
+        await self._admitted(context)
         try:
             view = await self._members.remove(request.name)
         except MembershipError as exc:

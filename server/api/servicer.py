@@ -12,6 +12,8 @@ import grpc
 
 from client._proto.taskring.v1 import tasks_pb2 as pb
 from client._proto.taskring.v1 import tasks_pb2_grpc
+from server.admission.auth import Caller
+from server.admission.gate import Gate
 from server.events.hub import EventKind, TaskEvent
 from server.model.errors import TaskringError
 from server.model.task import Task
@@ -27,9 +29,6 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Context = grpc.aio.ServicerContext[Any, Any]
 
-# Until authentication lands every caller is the same client.
-ANONYMOUS = "anonymous"
-
 
 async def _abort(context: Context, error: BaseException) -> NoReturn:
     if isinstance(error, TaskringError):
@@ -40,14 +39,17 @@ async def _abort(context: Context, error: BaseException) -> NoReturn:
 
 
 def _unary(
-    handler: Callable[[Any, Req, Context], Awaitable[Resp]],
-) -> Callable[[Any, Req, Context], Awaitable[Resp]]:
+    handler: Callable[[TaskServicer, Req, Context, Caller], Awaitable[Resp]],
+) -> Callable[[TaskServicer, Req, Context], Awaitable[Resp]]:
+    """An RPC handler of the admitted caller, its errors mapped to statuses."""
+
     @functools.wraps(handler)
-    async def wrapper(self: Any, request: Req, context: Context) -> Resp:
-        # Each RPC runs in its own asyncio task: its log lines name the caller and task.
-        logs.bind_task(getattr(request, "task_id", ""), ANONYMOUS)
+    async def wrapper(self: TaskServicer, request: Req, context: Context) -> Resp:
         try:
-            return await handler(self, request, context)
+            caller = await self._gate.admit(context)
+            # Each RPC runs in its own asyncio task: its log lines name the caller and task.
+            logs.bind_task(getattr(request, "task_id", ""), caller.client_id)
+            return await handler(self, request, context, caller)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to a status in _abort
@@ -57,18 +59,22 @@ def _unary(
 
 
 def _streaming(
-    handler: Callable[[Any, Req, Context], AsyncGenerator[Resp, None]],
-) -> Callable[[Any, Req, Context], AsyncGenerator[Resp, None]]:
+    handler: Callable[[TaskServicer, Req, Context, Caller], AsyncGenerator[Resp, None]],
+) -> Callable[[TaskServicer, Req, Context], AsyncGenerator[Resp, None]]:
     """As `_unary`, for server-streaming handlers: an error raised before or between the
     messages ends the call with its status."""
 
     @functools.wraps(handler)
-    async def wrapper(self: Any, request: Req, context: Context) -> AsyncGenerator[Resp, None]:
-        logs.bind_task(getattr(request, "task_id", ""), ANONYMOUS)
+    async def wrapper(
+        self: TaskServicer, request: Req, context: Context
+    ) -> AsyncGenerator[Resp, None]:
         try:
+            caller = await self._gate.admit(context)
+            logs.bind_task(getattr(request, "task_id", ""), caller.client_id)
             # aclosing: a client that goes away releases the handler's subscription at
             # once, not whenever the collector finds the abandoned generator.
-            async with contextlib.aclosing(handler(self, request, context)) as responses:
+            responses = handler(self, request, context, caller)
+            async with contextlib.aclosing(responses) as responses:
                 async for response in responses:
                     yield response
         except grpc.aio.AbortError:
@@ -80,15 +86,16 @@ def _streaming(
 
 
 class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
-    def __init__(self, tasks: TaskManager, metrics: Metrics = NO_METRICS) -> None:
+    def __init__(self, tasks: TaskManager, gate: Gate, metrics: Metrics = NO_METRICS) -> None:
         self._tasks = tasks
+        self._gate = gate
         self._metrics = metrics
 
-    async def _submit(self, spec_pb: pb.TaskSpec) -> tuple[Task, bool]:
+    async def _submit(self, spec_pb: pb.TaskSpec, caller: Caller) -> tuple[Task, bool]:
         """Submit's work, shared with SubmitAndStream: counted as accepted or rejected."""
         try:
             spec = convert.spec_from_pb(spec_pb)
-            task, created = await self._tasks.submit(ANONYMOUS, spec)
+            task, created = await self._tasks.submit(caller.client_id, spec)
         except Exception as exc:
             asked = spec_pb.type or spec_pb.WhichOneof("input") or ""
             code = to_status(exc).code if isinstance(exc, TaskringError) else None
@@ -99,57 +106,64 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         return task, created
 
     @_unary
-    async def Submit(self, request: pb.SubmitRequest, context: Context) -> pb.SubmitResponse:
-        task, created = await self._submit(request.task)
+    async def Submit(
+        self, request: pb.SubmitRequest, context: Context, caller: Caller
+    ) -> pb.SubmitResponse:
+        task, created = await self._submit(request.task, caller)
         return pb.SubmitResponse(task=convert.task_to_pb(task), created=created)
 
     @_streaming
     async def SubmitAndStream(
-        self, request: pb.SubmitAndStreamRequest, context: Context
+        self, request: pb.SubmitAndStreamRequest, context: Context, caller: Caller
     ) -> AsyncGenerator[pb.SubmitAndStreamResponse, None]:
-        task, created = await self._submit(request.task)
-        logs.bind_task(task.id, ANONYMOUS)
+        task, created = await self._submit(request.task, caller)
+        logs.bind_task(task.id, caller.client_id)
         # From sequence 0: the snapshot comes first and holds any output produced between
         # the commit and this subscription (see TaskManager.watch).
-        async with contextlib.aclosing(self._tasks.watch(ANONYMOUS, task.id, 0)) as events:
+        async with contextlib.aclosing(self._tasks.watch(caller.client_id, task.id, 0)) as events:
             async for event in events:
                 yield pb.SubmitAndStreamResponse(created=created, event=stream_response(event))
 
     @_unary
-    async def Get(self, request: pb.GetRequest, context: Context) -> pb.GetResponse:
-        task = await self._tasks.get(ANONYMOUS, request.task_id)
+    async def Get(self, request: pb.GetRequest, context: Context, caller: Caller) -> pb.GetResponse:
+        task = await self._tasks.get(caller.client_id, request.task_id)
         return pb.GetResponse(task=convert.task_to_pb(task))
 
     @_unary
-    async def Cancel(self, request: pb.CancelRequest, context: Context) -> pb.CancelResponse:
-        task = await self._tasks.cancel(ANONYMOUS, request.task_id)
+    async def Cancel(
+        self, request: pb.CancelRequest, context: Context, caller: Caller
+    ) -> pb.CancelResponse:
+        task = await self._tasks.cancel(caller.client_id, request.task_id)
         return pb.CancelResponse(task=convert.task_to_pb(task))
 
     @_unary
-    async def List(self, request: pb.ListRequest, context: Context) -> pb.ListResponse:
+    async def List(
+        self, request: pb.ListRequest, context: Context, caller: Caller
+    ) -> pb.ListResponse:
         states = convert.states_from_pb(request.states, "states")
         tasks, token = await self._tasks.list(
-            ANONYMOUS, states, set(request.types), request.page_size, request.page_token
+            caller.client_id, states, set(request.types), request.page_size, request.page_token
         )
         return pb.ListResponse(tasks=[convert.task_to_pb(t) for t in tasks], next_page_token=token)
 
     @_unary
-    async def Stats(self, request: pb.StatsRequest, context: Context) -> pb.StatsResponse:
+    async def Stats(
+        self, request: pb.StatsRequest, context: Context, caller: Caller
+    ) -> pb.StatsResponse:
         window_s = None
         if request.HasField("window"):
             window_s = convert.duration_from_pb(request.window, "window")
-        # The caller's own tasks only. The seam for admins: once API keys exist, a caller
-        # whose key is an admin's passes client_id=None here and sees every client's tasks
-        # (TaskManager.stats and the store already take None); until then every caller is
-        # ANONYMOUS and none is an admin.
-        report = await self._tasks.stats(ANONYMOUS, list(request.types), window_s)
+        # The caller's own tasks; an admin's key sees every client's. (Without keys every
+        # task is ANONYMOUS's: the report names that client.)
+        client_id = None if caller.admin and not self._gate.auth.open else caller.client_id
+        report = await self._tasks.stats(client_id, list(request.types), window_s)
         return convert.stats_to_pb(report)
 
     @_streaming
     async def Stream(
-        self, request: pb.StreamRequest, context: Context
+        self, request: pb.StreamRequest, context: Context, caller: Caller
     ) -> AsyncGenerator[pb.StreamResponse, None]:
-        watch = self._tasks.watch(ANONYMOUS, request.task_id, request.after_sequence)
+        watch = self._tasks.watch(caller.client_id, request.task_id, request.after_sequence)
         async with contextlib.aclosing(watch) as events:
             async for event in events:
                 yield stream_response(event)

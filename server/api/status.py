@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -15,6 +17,9 @@ CODES: dict[type[errors.TaskringError], grpc.StatusCode] = {
     errors.FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
     errors.StoreError: grpc.StatusCode.UNAVAILABLE,
+    errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    errors.RateLimitedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -35,5 +40,9 @@ def to_status(error: errors.TaskringError) -> grpc.Status:
             ]
         )
         status.details.add().Pack(detail)
+    elif isinstance(error, errors.RateLimitedError):
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(math.ceil(error.retry_after_s * 1e9))
+        status.details.add().Pack(retry)
     result: grpc.Status = rpc_status.to_status(status)
     return result

@@ -7,7 +7,10 @@ TaskringError
 ├── FailedPreconditionError    the request is valid but not in the task's current state
 ├── InvalidTransitionError     a state change the state machine forbids: a bug (INTERNAL)
 ├── UnavailableError           the service cannot take the request now (shutting down)
-└── StoreError                 the store failed; retryable
+├── StoreError                 the store failed; retryable
+├── UnauthenticatedError       no API key, or one the server does not know
+├── PermissionDeniedError      a valid key that may not do this (an admin's call)
+└── RateLimitedError           over the client's limit; says when to retry
 """
 
 from __future__ import annotations
@@ -61,3 +64,17 @@ class UnavailableError(TaskringError):
 
 class StoreError(TaskringError):
     pass
+
+
+class UnauthenticatedError(TaskringError):
+    pass
+
+
+class PermissionDeniedError(TaskringError):
+    pass
+
+
+class RateLimitedError(TaskringError):
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)

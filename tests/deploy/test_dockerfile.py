@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 
 from client.healthcheck import DEFAULT_TIMEOUT_S
-from server.config import ExecutorSettings, Settings
+from server.config import ConfigError, ExecutorSettings, Settings
 from tests.conftest import ROOT
 from tests.deploy.manifests import (
     ROUTER_READINESS,
@@ -132,10 +132,14 @@ def test_default_command_is_the_router_serving_every_interface(
     runtime: list[Instruction],
 ) -> None:
     """CMD starts the router on 0.0.0.0:50051, its store on the /data volume, and the
-    image's environment passes the router's and the executor's settings checks."""
+    image's environment passes the router's and the executor's settings checks, once the
+    router is told how callers are let in: secure by default, the image alone does not
+    serve every interface without API keys."""
     assert json.loads(args_of(runtime, "CMD")[-1]) == ["taskring-server"]
     env = image_env(runtime)
-    settings = Settings.from_env(env)
+    with pytest.raises(ConfigError, match="TASKRING_INSECURE"):
+        Settings.from_env(env)
+    settings = Settings.from_env({**env, "TASKRING_INSECURE": "true"})
     assert settings.server.listen == "0.0.0.0:50051"
     (volume,) = json.loads(args_of(runtime, "VOLUME")[-1])
     assert settings.store.sqlite_path.startswith(volume.rstrip("/") + "/")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from server.config import ConfigError, Settings
-from server.config_file import BackendSpec, ModelPrice, read_file_config
+from server.config_file import ApiKey, BackendSpec, Limits, ModelPrice, RateLimit, read_file_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -120,10 +120,75 @@ def test_without_a_file_the_ring_is_the_local_executors() -> None:
     assert Settings.from_env({}).file.backends == ()
 
 
-def test_the_readme_example_is_a_valid_file(tmp_path: Path) -> None:
+def test_the_readme_examples_are_valid_files(tmp_path: Path) -> None:
     """The configuration users copy from the README must load as shown."""
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    example = readme.split("```toml\n", 1)[1].split("```", 1)[0]
-    config, problems = read_file_config(write(tmp_path, example))
+    examples = [block.split("```", 1)[0] for block in readme.split("```toml\n")[1:]]
+    configs = []
+    for example in examples:
+        config, problems = read_file_config(write(tmp_path, example))
+        assert problems == [], example
+        configs.append(config)
+    kinds = [[b.kind for b in config.backends] for config in configs]
+    assert ["openai", "anthropic", "openai", "remote"] in kinds
+    assert any(config.limits.clients for config in configs)
+
+
+def test_api_keys_and_limits_are_read(tmp_path: Path) -> None:
+    digest = "ab" * 32
+    config, problems = read_file_config(
+        write(
+            tmp_path,
+            f"""
+[[api_keys]]
+client = "team-a"
+sha256 = "{digest}"
+
+[[api_keys]]
+client = "ops"
+sha256 = "{"cd" * 32}"
+admin = true
+
+[limits]
+rate = 2.5
+burst = 10
+[limits.clients."team-a"]
+rate = 100
+burst = 200
+""",
+        )
+    )
     assert problems == []
-    assert [b.kind for b in config.backends] == ["openai", "anthropic", "openai", "remote"]
+    assert config.api_keys == (ApiKey("team-a", digest), ApiKey("ops", "cd" * 32, admin=True))
+    assert config.limits == Limits(RateLimit(2.5, 10), {"team-a": RateLimit(100.0, 200)})
+
+
+def test_bad_keys_and_limits_are_named_with_their_place(tmp_path: Path) -> None:
+    _, problems = read_file_config(
+        write(
+            tmp_path,
+            """
+[[api_keys]]
+client = ""
+sha256 = "trk_the-key-itself-by-mistake"
+role = "admin"
+
+[limits]
+rate = 0
+burst = 1.5
+[limits.clients."b"]
+rate = 1
+""",
+        )
+    )
+    text = "\n".join(problems)
+    for place in (
+        "api_keys[0]: unknown keys ['role']",
+        "api_keys[0].client",
+        "api_keys[0].sha256",
+        "limits.rate",
+        "limits.burst",
+        "limits.clients.'b'.burst",
+    ):
+        assert place in text
+    assert "trk_the-key-itself" not in text, "a misplaced key is not echoed"

@@ -1027,8 +1027,8 @@ class StatsResponse(_message.Message):
     GROUPS_FIELD_NUMBER: _builtins.int
     DURATION_SAMPLE_LIMIT_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
-    """Whose tasks these are: the caller's client id. (Every client's tasks, with this empty,
-    are for admin callers once API keys exist.)
+    """Whose tasks these are: the caller's client id; empty when the caller's API key is an
+    admin's, whose figures cover every client's tasks.
     """
     duration_sample_limit: _builtins.int
     """The most run times one group's percentiles are computed from (its newest tasks'), which

@@ -1,0 +1,72 @@
+"""Per-client token buckets (aiolimiter's leaky bucket): a call over its client's limit is
+refused at once with the time after which one more would pass, never queued in the server.
+
+Buckets live only while they hold something: one that has drained is the same as a new
+one, so it is dropped. Memory then follows the clients active within a bucket's drain time
+(burst / rate), not every client ever seen."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from aiolimiter import AsyncLimiter
+
+from server.config_file import Limits, RateLimit
+from server.model.errors import RateLimitedError
+
+# Drained buckets dropped per admitted call, at most: bounded work on the hot path, and
+# still faster than clients can arrive (each call adds at most one bucket).
+_EVICT_PER_CALL = 4
+
+
+class ClientLimiter:
+    """Admits each client's calls within its RateLimit (Limits.clients, else the default;
+    unlimited when neither applies)."""
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        # Least recently used first: the front is the first to have drained.
+        self._buckets: OrderedDict[str, AsyncLimiter] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self._limits.default is not None or bool(self._limits.clients)
+
+    def __len__(self) -> int:
+        """Buckets held now (drained ones not yet dropped included)."""
+        return len(self._buckets)
+
+    async def admit(self, client_id: str) -> None:
+        """Takes one token of `client_id`'s bucket, or raises RateLimitedError."""
+        limit = self._limits.clients.get(client_id, self._limits.default)
+        if limit is None:
+            return
+        bucket = self._buckets.get(client_id)
+        if bucket is None:
+            bucket = self._buckets[client_id] = _bucket(limit)
+        else:
+            self._buckets.move_to_end(client_id)
+        if not bucket.has_capacity():
+            # The bucket is full to within one token, which leaks out in 1 / rate seconds
+            # at most: an upper bound that a retry at that time meets.
+            raise RateLimitedError(
+                f"client {client_id!r} is over its limit of {limit.rate:g} calls per second"
+                f" (burst {limit.burst}); retry after the delay in RetryInfo",
+                1.0 / limit.rate,
+            )
+        await bucket.acquire()  # has capacity: returns without waiting
+        self._evict_drained()
+
+    def _evict_drained(self) -> None:
+        for _ in range(_EVICT_PER_CALL):
+            oldest = next(iter(self._buckets.items()), None)
+            # Empty when a whole bucket's worth fits: nothing to remember about this client.
+            if oldest is None or not oldest[1].has_capacity(oldest[1].max_rate):
+                return
+            del self._buckets[oldest[0]]
+
+
+def _bucket(limit: RateLimit) -> AsyncLimiter:
+    # aiolimiter lets max_rate through per time_period in a burst, then leaks at
+    # max_rate / time_period: a bucket of `burst` filled at `rate` a second.
+    return AsyncLimiter(limit.burst, limit.burst / limit.rate)
