@@ -18,7 +18,7 @@ class Gate:
 
     async def admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
         """The caller, once admitted; UnauthenticatedError or RateLimitedError otherwise."""
-        caller = ANONYMOUS if self.auth.open else self.auth.caller(context.invocation_metadata())
+        caller = self.identify(context)
         await self.limiter.admit(caller.client_id)
         return caller
 
