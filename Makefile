@@ -83,6 +83,7 @@ bench: setup
 	$(PY) bench/ring.py
 	$(PY) bench/submit.py
 	$(PY) bench/routing.py
+	$(PY) bench/admission.py
 
 clean:
 	rm -rf $(VENV) $(TOOLS) build *.egg-info gen $(NODE_TEST)/node_modules
