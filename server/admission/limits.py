@@ -28,10 +28,6 @@ class ClientLimiter:
         # Least recently used first: the front is the first to have drained.
         self._buckets: OrderedDict[str, AsyncLimiter] = OrderedDict()
 
-    @property
-    def enabled(self) -> bool:
-        return self._limits.default is not None or bool(self._limits.clients)
-
     def __len__(self) -> int:
         """Buckets held now (drained ones not yet dropped included)."""
         return len(self._buckets)
