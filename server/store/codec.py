@@ -122,7 +122,7 @@ def decode_error(text: str | None) -> TaskError | None:
 def encode_usage(value: Usage | None) -> str | None:
     if value is None:
         return None
-    # SqliteTaskStore.stats sums these positions with json_extract: keep their order.
+    # Both stores sum these positions in SQL for Stats (json_extract, ->>): keep their order.
     return _compact([value.input_tokens, value.output_tokens, value.cost_usd])
 
 

@@ -7,17 +7,17 @@ import fcntl
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence, Set
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from server.model.errors import StoreError
-from server.model.stats import GroupStats, StateCount, TaskStats, percentile
+from server.model.stats import TaskStats
 from server.model.task import Priority, Task, TaskState
 
-from . import codec
+from .aggregate import assemble_stats
 from .base import ListPage, ListQuery, StatsQuery
 from .group_commit import GroupCommitWriter
+from .rows import COLUMNS, from_row, to_row, update_params
 
 T = TypeVar("T")
 
@@ -61,10 +61,6 @@ CREATE INDEX IF NOT EXISTS tasks_client_created ON tasks (client_id, created_at)
 CREATE INDEX IF NOT EXISTS tasks_finished
     ON tasks (ended_at) WHERE state IN ('SUCCEEDED', 'FAILED', 'CANCELLED');
 """
-COLUMNS = (
-    "id, client_id, type, state, priority, spec, sequence, attempt, backend, output, error,"
-    " usage, created_at, started_at, ended_at, deadline, not_before, idempotency_key"
-)
 SELECT = f"SELECT pk, {COLUMNS} FROM tasks"  # noqa: S608 - constants only
 INSERT = f"INSERT INTO tasks ({COLUMNS}) VALUES ({', '.join('?' * 18)})"  # noqa: S608
 UPDATE = (
@@ -212,7 +208,7 @@ class SqliteTaskStore:
         await self._read(lambda c: c.execute("SELECT 1").fetchone())
 
     def create(self, task: Task) -> Awaitable[tuple[Task, bool]]:
-        row = _to_row(task)
+        row = to_row(task)
         key = task.spec.idempotency_key
 
         def write(conn: sqlite3.Connection) -> tuple[Task, bool]:
@@ -221,7 +217,7 @@ class SqliteTaskStore:
                     f"{SELECT} WHERE client_id=? AND idempotency_key=?", (task.client_id, key)
                 ).fetchone()
                 if existing is not None:
-                    return _from_row(existing), False
+                    return from_row(existing), False
             conn.execute(INSERT, row)
             return task, True
 
@@ -229,7 +225,7 @@ class SqliteTaskStore:
 
     async def get(self, task_id: str) -> Task | None:
         row = await self._read(lambda c: c.execute(f"{SELECT} WHERE id=?", (task_id,)).fetchone())
-        return None if row is None else _from_row(row)
+        return None if row is None else from_row(row)
 
     async def list_page(self, query: ListQuery) -> ListPage:
         where = ["client_id=?"]
@@ -249,7 +245,7 @@ class SqliteTaskStore:
         rows = await self._read(lambda c: c.execute(sql, params).fetchall())
         page = rows[: query.limit]
         more = len(rows) > query.limit
-        return ListPage([_from_row(r) for r in page], page[-1][0] if more and page else None)
+        return ListPage([from_row(r) for r in page], page[-1][0] if more and page else None)
 
     async def stats(self, query: StatsQuery) -> TaskStats:
         return await self._stats_reader.run(lambda c: _stats(c, query))
@@ -262,7 +258,7 @@ class SqliteTaskStore:
         )
 
     def update(self, task: Task, expected_sequence: int) -> Awaitable[bool]:
-        params = _update_params(task, expected_sequence)
+        params = update_params(task, expected_sequence)
         return self._writer.submit(lambda c: c.execute(UPDATE, params).rowcount == 1)
 
     async def queued(self, limit: int, now: float, types: Set[str]) -> list[Task]:
@@ -275,7 +271,7 @@ class SqliteTaskStore:
         )
         params = [now, *sorted(types), limit]
         rows = await self._read(lambda c: c.execute(sql, params).fetchall())
-        return [_from_row(r) for r in rows]
+        return [from_row(r) for r in rows]
 
     async def queue_depth(self) -> dict[Priority, int]:
         # Counted over the partial index tasks_queue (exactly the QUEUED rows, priority in
@@ -289,7 +285,7 @@ class SqliteTaskStore:
         sql = f"{SELECT} WHERE state IN ({marks}) ORDER BY pk LIMIT ?"
         params = [s.value for s in states] + [limit]
         rows = await self._read(lambda c: c.execute(sql, params).fetchall())
-        return [_from_row(r) for r in rows]
+        return [from_row(r) for r in rows]
 
     async def expired(self, now: float, limit: int) -> list[Task]:
         sql = (
@@ -297,7 +293,7 @@ class SqliteTaskStore:
             " ORDER BY deadline LIMIT ?"
         )
         rows = await self._read(lambda c: c.execute(sql, (now, limit)).fetchall())
-        return [_from_row(r) for r in rows]
+        return [from_row(r) for r in rows]
 
     def statistics(self) -> dict[str, int]:
         return {"commit_groups": self._writer.groups, "writes": self._writer.writes}
@@ -358,124 +354,4 @@ def _stats(conn: sqlite3.Connection, query: StatsQuery) -> TaskStats:
     finally:
         conn.execute("COMMIT")
 
-    groups: dict[tuple[str, str], GroupStats] = {}
-    window_counts: dict[tuple[TaskState, Priority], int] = {}
-    for (
-        task_type,
-        backend,
-        state_,
-        priority,
-        count,
-        attempts,
-        tokens_in,
-        tokens_out,
-        cost,
-    ) in window_rows:
-        state = TaskState(state_)
-        key = (state, Priority(priority))
-        window_counts[key] = window_counts.get(key, 0) + count
-        if not state.is_terminal:
-            continue
-        group = groups.get((task_type, backend)) or GroupStats(task_type, backend)
-        outcome = state.value.lower()  # the field of GroupStats: succeeded, failed, cancelled
-        groups[task_type, backend] = replace(
-            group,
-            **{outcome: getattr(group, outcome) + count},
-            attempts=group.attempts + attempts,
-            input_tokens=group.input_tokens + tokens_in,
-            output_tokens=group.output_tokens + tokens_out,
-            cost_usd=group.cost_usd + cost,
-        )
-
-    durations: dict[tuple[str, str], list[float]] = {}
-    for task_type, backend, duration in duration_rows:
-        # A wall clock stepped back mid-run would give a negative run time.
-        durations.setdefault((task_type, backend), []).append(max(0.0, duration))
-    for group_key, values in durations.items():
-        values.sort()
-        # Every run counted here is a finished task of the same snapshot: its group exists.
-        groups[group_key] = replace(
-            groups[group_key],
-            duration_p50_s=percentile(values, 50),
-            duration_p90_s=percentile(values, 90),
-            duration_p99_s=percentile(values, 99),
-            duration_samples=len(values),
-        )
-
-    return TaskStats(
-        queue_depth=_state_counts({(TaskState(s), Priority(p)): n for s, p, n in queue_rows}),
-        window_counts=_state_counts(window_counts),
-        groups=tuple(groups[key] for key in sorted(groups)),
-        duration_sample_limit=query.duration_sample_limit,
-    )
-
-
-_STATE_ORDER = {state: i for i, state in enumerate(TaskState)}
-
-
-def _state_counts(counts: dict[tuple[TaskState, Priority], int]) -> tuple[StateCount, ...]:
-    """In the life order of states (QUEUED first), then the highest priority first."""
-    ordered = sorted(counts.items(), key=lambda kv: (_STATE_ORDER[kv[0][0]], -kv[0][1]))
-    return tuple(StateCount(state, priority, n) for (state, priority), n in ordered if n)
-
-
-def _to_row(task: Task) -> tuple[Any, ...]:
-    return (
-        task.id,
-        task.client_id,
-        task.spec.type,
-        task.state.value,
-        int(task.spec.priority),
-        codec.encode_spec(task.spec),
-        task.sequence,
-        task.attempt,
-        task.backend,
-        codec.encode_output(task.output),
-        codec.encode_error(task.error),
-        codec.encode_usage(task.usage),
-        task.created_at,
-        task.started_at,
-        task.ended_at,
-        task.deadline,
-        task.not_before,
-        task.spec.idempotency_key or None,
-    )
-
-
-def _update_params(task: Task, expected_sequence: int) -> tuple[Any, ...]:
-    return (
-        task.state.value,
-        task.sequence,
-        task.attempt,
-        task.backend,
-        codec.encode_output(task.output),
-        codec.encode_error(task.error),
-        codec.encode_usage(task.usage),
-        task.started_at,
-        task.ended_at,
-        task.not_before,
-        task.id,
-        expected_sequence,
-    )
-
-
-def _from_row(row: tuple[Any, ...]) -> Task:
-    (_pk, id_, client_id, _type, state, _prio, spec, sequence, attempt, backend, output,
-     error, usage, created_at, started_at, ended_at, deadline, not_before, _key) = row  # fmt: skip
-    return Task(
-        id=id_,
-        client_id=client_id,
-        spec=codec.decode_spec(spec),
-        state=TaskState(state),
-        created_at=created_at,
-        deadline=deadline,
-        sequence=sequence,
-        attempt=attempt,
-        backend=backend,
-        output=codec.decode_output(output),
-        error=codec.decode_error(error),
-        usage=codec.decode_usage(usage),
-        started_at=started_at,
-        ended_at=ended_at,
-        not_before=not_before,
-    )
+    return assemble_stats(query, queue_rows, window_rows, duration_rows)

@@ -1,0 +1,79 @@
+"""A task as one row of a store's `tasks` table, and back: the same columns, in the same
+order, in both stores (the spec, output, error and usage as codec's JSON text)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from server.model.task import Task, TaskState
+
+from . import codec
+
+# The columns every read selects, after the row's pk.
+COLUMNS = (
+    "id, client_id, type, state, priority, spec, sequence, attempt, backend, output, error,"
+    " usage, created_at, started_at, ended_at, deadline, not_before, idempotency_key"
+)
+
+
+def to_row(task: Task) -> tuple[Any, ...]:
+    return (
+        task.id,
+        task.client_id,
+        task.spec.type,
+        task.state.value,
+        int(task.spec.priority),
+        codec.encode_spec(task.spec),
+        task.sequence,
+        task.attempt,
+        task.backend,
+        codec.encode_output(task.output),
+        codec.encode_error(task.error),
+        codec.encode_usage(task.usage),
+        task.created_at,
+        task.started_at,
+        task.ended_at,
+        task.deadline,
+        task.not_before,
+        task.spec.idempotency_key or None,
+    )
+
+
+def update_params(task: Task, expected_sequence: int) -> tuple[Any, ...]:
+    return (
+        task.state.value,
+        task.sequence,
+        task.attempt,
+        task.backend,
+        codec.encode_output(task.output),
+        codec.encode_error(task.error),
+        codec.encode_usage(task.usage),
+        task.started_at,
+        task.ended_at,
+        task.not_before,
+        task.id,
+        expected_sequence,
+    )
+
+
+def from_row(row: Sequence[Any]) -> Task:
+    (_pk, id_, client_id, _type, state, _prio, spec, sequence, attempt, backend, output,
+     error, usage, created_at, started_at, ended_at, deadline, not_before, _key) = row  # fmt: skip
+    return Task(
+        id=id_,
+        client_id=client_id,
+        spec=codec.decode_spec(spec),
+        state=TaskState(state),
+        created_at=created_at,
+        deadline=deadline,
+        sequence=sequence,
+        attempt=attempt,
+        backend=backend,
+        output=codec.decode_output(output),
+        error=codec.decode_error(error),
+        usage=codec.decode_usage(usage),
+        started_at=started_at,
+        ended_at=ended_at,
+        not_before=not_before,
+    )
