@@ -42,6 +42,9 @@ FINAL_WRITE_RETRIES_S = (0.1, 0.5, 2.0, 5.0)
 class DispatchSettings:
     # How often to look for tasks whose retry backoff ended or whose deadline passed.
     poll_interval_s: float = 0.5
+    # How often to look for RUNNING tasks whose router died (see TaskStore.orphaned): with
+    # a shared store, how soon after a replica's lease lapses its tasks run again.
+    orphan_check_interval_s: float = 2.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
@@ -122,15 +125,18 @@ class Dispatcher:
         self._wakeup.set()
 
     async def start(self) -> None:
-        """Re-queues tasks left RUNNING by a previous process, then starts claiming."""
+        """Re-queues tasks left RUNNING by a process that is gone, then starts claiming."""
         if self._loop_task is not None:
             return
-        await self._recover()
+        await self._adopt_orphans()
         self._loop_task = asyncio.create_task(self._claim_loop(), name="dispatcher")
 
-    async def _recover(self) -> None:
-        interrupted = TaskError("INTERRUPTED", "the server stopped while the task ran", True)
-        while batch := await self._store.in_states([TaskState.RUNNING], 500):
+    async def _adopt_orphans(self) -> None:
+        """Re-queues the RUNNING tasks whose process died (a previous run of this one, or
+        another replica whose lease lapsed); fails those that were on their last attempt."""
+        interrupted = TaskError("INTERRUPTED", "the router running the task stopped", True)
+        while batch := await self._store.orphaned(500):
+            adopted = 0
             for task in batch:
                 # A task that takes its process down with it must not do so forever.
                 if task.attempt >= task.spec.max_attempts:
@@ -141,12 +147,17 @@ class Dispatcher:
                 # process died (Recorder.record_output): skip its number so that no watcher
                 # resuming after it misses this change.
                 after = after.evolve(sequence=after.sequence + 1)
-                if not await self._recorder.record([_state(after)], task.sequence):
-                    raise StoreError(f"task {task.id} changed while it was being recovered")
-            _log.info("recovered %d tasks left running by the previous process", len(batch))
+                # False: another replica adopted it first.
+                adopted += await self._recorder.record([_state(after)], task.sequence)
+            _log.info("re-queued %d tasks whose router stopped while they ran", adopted)
+            if adopted:
+                self.wake()
+            if len(batch) < 500 or not adopted:
+                return
 
     async def _claim_loop(self) -> None:
         next_sweep = 0.0
+        next_orphan_check = 0.0
         loop = asyncio.get_running_loop()
         while not self._stopping:
             self._wakeup.clear()
@@ -155,6 +166,9 @@ class Dispatcher:
                     next_sweep = loop.time() + self._settings.poll_interval_s
                     self.members.tick()
                     await self._expire_overdue()
+                if loop.time() >= next_orphan_check:
+                    next_orphan_check = loop.time() + self._settings.orphan_check_interval_s
+                    await self._adopt_orphans()
                 more = await self._claim()
             except StoreError:
                 _log.exception("dispatch paused: the store failed")
@@ -234,43 +248,44 @@ class Dispatcher:
         if free <= 0:
             return False
         now = self._clock.now()
-        plans: list[tuple[Task, Task]] = []  # (as read, as started)
-        # Only types some backend has room for: tasks waiting for a full backend must not
-        # hide the ready tasks of other types behind them.
-        runnable = self.members.types_with_room()
-        candidates = await self._store.queued(free, now, runnable)
+        planned: list[Task] = []  # as started, each holding a member's slot
+        overdue: list[Task] = []
         left_waiting = 0
-        for task in candidates:
+
+        def start(task: Task) -> Task | None:
+            nonlocal left_waiting
             if task.id in self._running:
-                continue
+                return None
             if task.deadline <= now:
-                await self._fail_deadline(task)
-                continue
+                overdue.append(task)
+                return None
             backend = self.members.acquire(task)  # reserved now so the next task sees it
             if backend is None:
                 left_waiting += 1
-                continue
-            plans.append((task, states.start(task, backend, now)))
-        # Sent together: one group commit for the whole batch.
-        started_any = False
-        results = await asyncio.gather(
-            *(self._recorder.record([_state(new)], old.sequence) for old, new in plans),
-            return_exceptions=True,
-        )
-        for (_, started), ok in zip(plans, results, strict=True):
-            if ok is not True:  # cancelled or changed since we read it, or the write failed
-                if isinstance(ok, BaseException):
-                    _log.error(
-                        "could not claim task %s: %s", started.id, ok, extra={"task_id": started.id}
-                    )
-                self.members.release(started.backend)
-                continue
-            self._launch(started)
-            started_any = True
-        self._queue_drained = len(candidates) < free and not left_waiting
+                return None
+            planned.append(states.start(task, backend, now))
+            return planned[-1]
+
+        # Only types some backend has room for: tasks waiting for a full backend must not
+        # hide the ready tasks of other types behind them.
+        try:
+            claimed = await self._store.claim(free, now, self.members.types_with_room(), start)
+        except BaseException:
+            for task in planned:
+                self.members.release(task.backend)
+            raise
+        stored = {task.id for task in claimed.started}
+        for task in planned:
+            if task.id not in stored:  # cancelled or changed since it was read
+                self.members.release(task.backend)
+        for task in claimed.started:
+            self._recorder.published([_state(task)])
+            self._launch(task)
+        await asyncio.gather(*(self._fail_deadline(task) for task in overdue))
+        self._queue_drained = claimed.examined < free and not left_waiting
         # Only worth looking again at once if this round made progress: unroutable tasks
         # (their backends full) would otherwise be re-read in a tight loop.
-        return started_any and len(candidates) == free
+        return bool(claimed.started) and claimed.examined == free
 
     async def _run_traced(self, attempt: _Attempt) -> None:
         """`_run` inside the attempt's span (see server/observability/tracing.py), for a

@@ -41,6 +41,11 @@ class ChangeRecorder:
         write.add_done_callback(functools.partial(self._publish, events, on_saved))
         return asyncio.shield(write)
 
+    def published(self, events: list[TaskEvent]) -> None:
+        """Publishes changes the caller stored itself (a store's claim writes its starts)."""
+        for event in events:
+            self._hub.publish(event)
+
     def record_output(
         self, event: TaskEvent, expected_sequence: int, on_saved: OnSaved | None = None
     ) -> asyncio.Future[bool]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence, Set
+from collections.abc import Awaitable, Callable, Sequence, Set
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,6 +40,20 @@ class StatsQuery:
     # Percentiles come from at most this many run times per (type, backend) group, the
     # newest: they are computed in Python, and this keeps that work bounded.
     duration_sample_limit: int = 10_000
+
+
+# Given a ready task the claim read, the task as it starts (RUNNING on a member whose slot
+# it reserved), or None to leave it queued. The dispatcher's: it runs on the event loop.
+Starter = Callable[[Task], Task | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    # How many ready tasks the claim read (whether or not they started).
+    examined: int
+    # The tasks the Starter started whose start was stored, as the Starter returned them;
+    # the others were changed by another writer meanwhile and were not claimed.
+    started: list[Task]
 
 
 class TaskStore(Protocol):
@@ -89,6 +103,17 @@ class TaskStore(Protocol):
     async def queued(self, limit: int, now: float, types: Set[str]) -> list[Task]:
         """QUEUED tasks of `types` ready to run (not_before <= now), highest priority first,
         then oldest."""
+        ...
+
+    async def claim(self, limit: int, now: float, types: Set[str], start: Starter) -> Claimed:
+        """Claims up to `limit` of the ready tasks `queued` would return, passing each to
+        `start` and storing the starts it plans. No task is claimed by two dispatchers,
+        even of different processes sharing the store."""
+        ...
+
+    async def orphaned(self, limit: int) -> list[Task]:
+        """RUNNING tasks whose dispatcher is gone (its process died, or stopped renewing its
+        lease), oldest first: any dispatcher may re-queue them."""
         ...
 
     async def queue_depth(self) -> dict[Priority, int]:

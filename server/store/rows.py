@@ -15,9 +15,23 @@ COLUMNS = (
     "id, client_id, type, state, priority, spec, sequence, attempt, backend, output, error,"
     " usage, created_at, started_at, ended_at, deadline, not_before, idempotency_key"
 )
+# An insert's: `owner` too, the replica whose dispatcher runs a RUNNING task (NULL in any
+# other state). When that replica is gone, its tasks are orphans for another to re-queue.
+INSERT_COLUMNS = f"{COLUMNS}, owner"
+# An update's SET list, in update_params' order; its WHERE takes the id and the expected
+# sequence (the optimistic check).
+UPDATE_SET = (
+    "state={}, sequence={}, attempt={}, backend={}, output={}, error={}, usage={},"
+    " started_at={}, ended_at={}, not_before={}, owner={}"
+)
 
 
-def to_row(task: Task) -> tuple[Any, ...]:
+def owner_of(task: Task, replica: str) -> str | None:
+    return replica if task.state is TaskState.RUNNING else None
+
+
+def to_row(task: Task, replica: str) -> tuple[Any, ...]:
+    """The values of INSERT_COLUMNS, written by `replica`."""
     return (
         task.id,
         task.client_id,
@@ -37,10 +51,12 @@ def to_row(task: Task) -> tuple[Any, ...]:
         task.deadline,
         task.not_before,
         task.spec.idempotency_key or None,
+        owner_of(task, replica),
     )
 
 
-def update_params(task: Task, expected_sequence: int) -> tuple[Any, ...]:
+def update_params(task: Task, expected_sequence: int, replica: str) -> tuple[Any, ...]:
+    """The values of UPDATE_SET, then the id and expected sequence of its WHERE."""
     return (
         task.state.value,
         task.sequence,
@@ -52,6 +68,7 @@ def update_params(task: Task, expected_sequence: int) -> tuple[Any, ...]:
         task.started_at,
         task.ended_at,
         task.not_before,
+        owner_of(task, replica),
         task.id,
         expected_sequence,
     )

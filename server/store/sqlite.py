@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import sqlite3
+import uuid
 from collections.abc import Awaitable, Callable, Sequence, Set
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,9 +16,9 @@ from server.model.stats import TaskStats
 from server.model.task import Priority, Task, TaskState
 
 from .aggregate import assemble_stats
-from .base import ListPage, ListQuery, StatsQuery
+from .base import Claimed, ListPage, ListQuery, Starter, StatsQuery
 from .group_commit import GroupCommitWriter
-from .rows import COLUMNS, from_row, to_row, update_params
+from .rows import COLUMNS, INSERT_COLUMNS, UPDATE_SET, from_row, to_row, update_params
 
 T = TypeVar("T")
 
@@ -47,7 +48,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     ended_at        REAL,
     deadline        REAL NOT NULL,
     not_before      REAL NOT NULL,
-    idempotency_key TEXT
+    idempotency_key TEXT,
+    owner           TEXT  -- the store instance (process) running a RUNNING task
 );
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency
     ON tasks (client_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
@@ -62,11 +64,8 @@ CREATE INDEX IF NOT EXISTS tasks_finished
     ON tasks (ended_at) WHERE state IN ('SUCCEEDED', 'FAILED', 'CANCELLED');
 """
 SELECT = f"SELECT pk, {COLUMNS} FROM tasks"  # noqa: S608 - constants only
-INSERT = f"INSERT INTO tasks ({COLUMNS}) VALUES ({', '.join('?' * 18)})"  # noqa: S608
-UPDATE = (
-    "UPDATE tasks SET state=?, sequence=?, attempt=?, backend=?, output=?, error=?, usage=?,"
-    " started_at=?, ended_at=?, not_before=? WHERE id=? AND sequence=?"
-)
+INSERT = f"INSERT INTO tasks ({INSERT_COLUMNS}) VALUES ({', '.join('?' * 19)})"  # noqa: S608
+UPDATE = f"UPDATE tasks SET {UPDATE_SET.format(*'?' * 11)} WHERE id=? AND sequence=?"  # noqa: S608
 # One statement (one write of a group commit) deletes at most `limit` of the oldest.
 DELETE_FINISHED = (
     "DELETE FROM tasks WHERE pk IN (SELECT pk FROM tasks"
@@ -138,6 +137,9 @@ class SqliteTaskStore:
         self._stats_reader = _Reader(self._connect, "sqlite-stats")
         self._started = False
         self._lock_file: BinaryIO | None = None
+        # Owner of the tasks this process runs. The file lock makes this the only live
+        # process on the file, so a RUNNING task of any other owner is an orphan.
+        self.replica = uuid.uuid4().hex
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
@@ -185,6 +187,9 @@ class SqliteTaskStore:
                     f" {SCHEMA_VERSION}: upgrade taskring"
                 )
             conn.executescript(SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
+            if "owner" not in columns:  # a file from before owners: its RUNNING are orphans
+                conn.execute("ALTER TABLE tasks ADD COLUMN owner TEXT")
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         finally:
             conn.close()
@@ -208,7 +213,7 @@ class SqliteTaskStore:
         await self._read(lambda c: c.execute("SELECT 1").fetchone())
 
     def create(self, task: Task) -> Awaitable[tuple[Task, bool]]:
-        row = to_row(task)
+        row = to_row(task, self.replica)
         key = task.spec.idempotency_key
 
         def write(conn: sqlite3.Connection) -> tuple[Task, bool]:
@@ -258,7 +263,7 @@ class SqliteTaskStore:
         )
 
     def update(self, task: Task, expected_sequence: int) -> Awaitable[bool]:
-        params = update_params(task, expected_sequence)
+        params = update_params(task, expected_sequence, self.replica)
         return self._writer.submit(lambda c: c.execute(UPDATE, params).rowcount == 1)
 
     async def queued(self, limit: int, now: float, types: Set[str]) -> list[Task]:
@@ -272,6 +277,27 @@ class SqliteTaskStore:
         params = [now, *sorted(types), limit]
         rows = await self._read(lambda c: c.execute(sql, params).fetchall())
         return [from_row(r) for r in rows]
+
+    async def orphaned(self, limit: int) -> list[Task]:
+        sql = f"{SELECT} WHERE state='RUNNING' AND (owner IS NULL OR owner!=?) ORDER BY pk LIMIT ?"
+        rows = await self._read(lambda c: c.execute(sql, (self.replica, limit)).fetchall())
+        return [from_row(r) for r in rows]
+
+    async def claim(self, limit: int, now: float, types: Set[str], start: Starter) -> Claimed:
+        """Reads the ready tasks, then writes each start `start` plans with the optimistic
+        check: this process is the file's only writer, so no lock is needed."""
+        candidates = await self.queued(limit, now, types)
+        plans = [(task, started) for task in candidates if (started := start(task)) is not None]
+        # Sent together: one group commit for the whole batch.
+        results = await asyncio.gather(
+            *(self.update(started, task.sequence) for task, started in plans),
+            return_exceptions=True,
+        )
+        stored = [started for (_, started), ok in zip(plans, results, strict=True) if ok is True]
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is not None and not stored:
+            raise failure
+        return Claimed(examined=len(candidates), started=stored)
 
     async def queue_depth(self) -> dict[Priority, int]:
         # Counted over the partial index tasks_queue (exactly the QUEUED rows, priority in
