@@ -43,7 +43,9 @@ async def serve(settings: Settings) -> int:
     gc.set_threshold(20_000, 20, 20)
     # Tests and scripts read this line to learn the port (TASKRING_LISTEN=127.0.0.1:0).
     print(f"taskring listening on {app.address}", flush=True)
-    _log.info("serving with store %s and backends %s", settings.store.url, ", ".join(app.backends))
+    _log.info(
+        "serving with store %s and backends %s", settings.store.display_url, ", ".join(app.backends)
+    )
     if settings.file.api_keys:
         _log.info("API keys required: %d configured", len(settings.file.api_keys))
     elif not is_loopback(settings.server.listen):

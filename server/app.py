@@ -23,16 +23,19 @@ from .backends.base import Backend
 from .backends.factory import build_backend, default_backends, local_handlers
 from .backends.local import Handler
 from .clock import Clock, SystemClock
-from .config import Settings
+from .config import Settings, StoreSettings
 from .dispatch.circuit import CircuitSettings
 from .dispatch.dispatcher import Dispatcher, DispatchSettings
 from .dispatch.members import Members
+from .events.feed import ChangeFeed
 from .events.hub import EventHub
 from .events.recorder import ChangeRecorder
 from .housekeeping import Housekeeper
 from .model.errors import StoreError
 from .observability.metrics import NO_METRICS, Metrics, MetricsEndpoint, PrometheusMetrics, Sources
 from .observability.tracing import HeadSampling, TaskSpans, tracing_for
+from .store.base import TaskStore
+from .store.postgres import PostgresTaskStore
 from .store.sqlite import SqliteTaskStore
 from .tasks import TaskManager
 from .tasktypes import TaskTypes
@@ -50,6 +53,13 @@ def configured_backends(
         spec.name: build_backend(spec, handlers, environ, settings.file)
         for spec in settings.file.backends
     }
+
+
+def open_store(settings: StoreSettings) -> TaskStore:
+    """SQLite by default; PostgreSQL when several replicas share the tasks."""
+    if settings.is_postgresql:
+        return PostgresTaskStore(settings.url, settings.pool_size, settings.lease_s)
+    return SqliteTaskStore(settings.sqlite_path, settings.sqlite_synchronous)
 
 
 class App:
@@ -80,7 +90,7 @@ class App:
             if backends is not None
             else configured_backends(settings, handlers, os.environ)
         )
-        self.store = SqliteTaskStore(settings.store.sqlite_path, settings.store.sqlite_synchronous)
+        self.store = open_store(settings.store)
         tracing = tracing_for(tracer_provider, sampling)
         self.hub = EventHub()
         # Metrics turned off record nothing, rather than count what nobody can read.
@@ -107,6 +117,7 @@ class App:
             metrics=self.metrics,
             spans=None if tracing is None else TaskSpans(tracing.tracer),
         )
+        self.feed = ChangeFeed(self.store, self.hub, self.dispatcher)
         self.tasks = TaskManager(
             self.store,
             self.hub,
@@ -153,6 +164,7 @@ class App:
             await self.metrics_endpoint.start()
             self.metrics_port = self.metrics_endpoint.port
         await self.store.start()
+        self.feed.start()
         await self.dispatcher.start()
         self.dispatcher.members.start()
         await self.server.start()
@@ -200,6 +212,7 @@ class App:
         await self.server.stop(grace)
         if self.metrics_endpoint is not None:  # scrapes read the store: stopped before it
             await self.metrics_endpoint.stop()
+        await self.feed.close()
         await self.store.close()
         await self.dispatcher.members.close()
         await self.task_types.aclose()

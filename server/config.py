@@ -5,9 +5,15 @@ variable and raises one ConfigError that names each bad variable and value.
 
     TASKRING_LISTEN                 host:port to serve gRPC on       127.0.0.1:50051
     TASKRING_SHUTDOWN_GRACE_S       seconds in-flight work may take   10
-    TASKRING_STORE                  sqlite:///relative or sqlite:////absolute path
+    TASKRING_STORE                  sqlite:///relative or sqlite:////absolute path,
+                                    or postgresql://user:pass@host:port/database
+                                    (?search_path=schema picks a schema)
                                                                       sqlite:///taskring.db
     TASKRING_SQLITE_SYNCHRONOUS     OFF | NORMAL | FULL | EXTRA       FULL
+    TASKRING_STORE_POOL_SIZE        PostgreSQL connections per replica 10
+    TASKRING_LEASE_S                PostgreSQL: seconds a dead replica's 10
+                                    RUNNING tasks wait before another
+                                    replica re-queues them
     TASKRING_LOCAL_EXECUTORS        in-process executors on the ring   3
     TASKRING_LOCAL_MAX_CONCURRENCY  attempts each runs at once         32
     TASKRING_LOCAL_TOKEN_DELAY_S    local-echo delay per token         0.02
@@ -39,6 +45,7 @@ host; containers set 0.0.0.0:9464) and:
 from __future__ import annotations
 
 import ipaddress
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
@@ -80,10 +87,33 @@ class StoreSettings:
     sqlite_synchronous: str = "FULL"
     # Finished tasks older than this (by their end) are deleted; 0 keeps every task.
     retention_s: float = 7 * 86400.0
+    # PostgreSQL only: connections this replica opens, and its lease on the tasks it runs.
+    pool_size: int = 10
+    lease_s: float = 10.0
+
+    @property
+    def is_postgresql(self) -> bool:
+        return self.url.startswith(POSTGRESQL_SCHEMES)
 
     @property
     def sqlite_path(self) -> str:
         return self.url.removeprefix("sqlite:///")
+
+    @property
+    def display_url(self) -> str:
+        """The URL without its password: for logs and errors."""
+        return mask_password(self.url)
+
+
+POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def mask_password(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,13 +153,17 @@ class Settings:
                 insecure=reader.get("TASKRING_INSECURE", False, _bool),
             ),
             store=StoreSettings(
-                url=reader.get("TASKRING_STORE", "sqlite:///taskring.db", _store_url),
+                url=reader.get(
+                    "TASKRING_STORE", "sqlite:///taskring.db", _store_url, shown=mask_password
+                ),
                 sqlite_synchronous=reader.get(
                     "TASKRING_SQLITE_SYNCHRONOUS",
                     "FULL",
                     _one_of(("OFF", "NORMAL", "FULL", "EXTRA")),
                 ),
                 retention_s=reader.get("TASKRING_RETENTION_S", 7 * 86400.0, _non_negative),
+                pool_size=reader.get("TASKRING_STORE_POOL_SIZE", 10, _positive_int),
+                lease_s=reader.get("TASKRING_LEASE_S", 10.0, _positive),
             ),
             local=LocalExecutorSettings(
                 count=reader.get("TASKRING_LOCAL_EXECUTORS", 3, _positive_int),
@@ -209,14 +243,21 @@ class _Reader:
         self._env = env
         self.problems: list[str] = []
 
-    def get(self, name: str, default: T, parse: Callable[[str], T]) -> T:
+    def get(
+        self,
+        name: str,
+        default: T,
+        parse: Callable[[str], T],
+        shown: Callable[[str], str] = str,
+    ) -> T:
+        """`shown` is how a bad value appears in the error (a URL without its password)."""
         raw = self._env.get(name)
         if raw is None or raw == "":
             return default
         try:
             return parse(raw.strip())
         except ValueError as exc:
-            self.problems.append(f"{name}={raw!r}: {exc}")
+            self.problems.append(f"{name}={shown(raw)!r}: {exc}")
             return default
 
 
@@ -307,8 +348,15 @@ def _host_port_or_off(raw: str) -> str:
 
 
 def _store_url(raw: str) -> str:
+    if raw.startswith(POSTGRESQL_SCHEMES):
+        if not urllib.parse.urlsplit(raw).path.strip("/"):
+            raise ValueError("name the database: postgresql://user@host:5432/database")
+        return raw
     if raw == "sqlite:///:memory:":
         raise ValueError("an in-memory database is not durable; give a file path")
     if not raw.startswith("sqlite:///") or raw == "sqlite:///":
-        raise ValueError("expected sqlite:///relative/path.db or sqlite:////absolute/path.db")
+        raise ValueError(
+            "expected sqlite:///relative/path.db, sqlite:////absolute/path.db"
+            " or postgresql://user@host:5432/database"
+        )
     return raw

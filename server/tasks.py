@@ -208,6 +208,9 @@ class TaskManager:
         with self._hub.subscribe(task_id) as watch:
             # Subscribed first, read second: nothing published in between is missed.
             current = await self.get(client_id, task_id)
+            # What this watch starts from: changes another replica stores are told as
+            # events from here (ChangeFeed).
+            self._hub.seed(current)
             if after_sequence > current.sequence:
                 raise InvalidArgumentError.single(
                     "after_sequence",

@@ -28,12 +28,16 @@ from server.config import (
 from server.dispatch.dispatcher import DispatchSettings
 from server.dispatch.retry import RetryPolicy
 from server.model.task import Task
+from tests.pg import TestDatabase
 
 ROOT = Path(__file__).resolve().parent.parent
 Handler = Callable[[Task], "AsyncIterator[BackendEvent]"]
 
 
-def make_settings(db: Path, store_check_interval_s: float = 2.0, **local: float) -> Settings:
+def make_settings(
+    db: Path, store_check_interval_s: float = 2.0, store_url: str | None = None, **local: float
+) -> Settings:
+    """`store_url` replaces the SQLite file `db` (a PostgreSQL schema, say)."""
     return Settings(
         server=ServerSettings(
             listen="127.0.0.1:0",
@@ -41,7 +45,7 @@ def make_settings(db: Path, store_check_interval_s: float = 2.0, **local: float)
             store_check_interval_s=store_check_interval_s,
             metrics_listen="127.0.0.1:0",  # a free port each: servers run side by side
         ),
-        store=StoreSettings(url=f"sqlite:///{db}"),
+        store=StoreSettings(url=store_url or f"sqlite:///{db}", lease_s=2.0),
         local=LocalExecutorSettings(
             count=int(local.get("count", 3)),
             max_concurrency=int(local.get("max_concurrency", 8)),
@@ -82,8 +86,58 @@ FAST_RETRY = DispatchSettings(poll_interval_s=0.05, retry=RetryPolicy(0.01, 0.05
 StartServer = Callable[..., Awaitable[Running]]
 
 
+# The store and service suites run against both stores; the rest against SQLite only.
+BOTH_STORES = ("tests/api/", "tests/store/", "tests/client/")
+STORE_KINDS: tuple[str, ...] = ("sqlite", "postgresql")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "sqlite_only: reads or damages the SQLite file itself; not run on PostgreSQL"
+    )
+    config.addinivalue_line(
+        "markers", "postgresql_only: several processes sharing one store (SQLite has one)"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`store_kind`, which `store_url` (and so every server fixture) depends on."""
+    if "store_kind" not in metafunc.fixturenames:
+        return
+    marked = metafunc.definition.get_closest_marker
+    path = Path(metafunc.definition.path).relative_to(ROOT).as_posix()
+    if marked("postgresql_only"):
+        kinds = STORE_KINDS[1:]
+    elif path.startswith(BOTH_STORES) and not marked("sqlite_only"):
+        kinds = STORE_KINDS
+    else:
+        kinds = STORE_KINDS[:1]
+    metafunc.parametrize("store_kind", kinds)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[TestDatabase]:
+    """This run's own database on the machine's PostgreSQL, dropped at the end."""
+    database = TestDatabase()
+    database.create()
+    yield database
+    database.drop()
+
+
+StoreUrl = Callable[[Path], str]
+
+
 @pytest.fixture
-async def start_server(tmp_path: Path) -> AsyncIterator[StartServer]:
+def store_url(store_kind: str, request: pytest.FixtureRequest) -> StoreUrl:
+    """The store URL standing in for a SQLite file path, in the test's store kind."""
+    if store_kind == "postgresql":
+        database: TestDatabase = request.getfixturevalue("postgres")
+        return database.url_for
+    return lambda path: f"sqlite:///{path}"
+
+
+@pytest.fixture
+async def start_server(tmp_path: Path, store_url: StoreUrl) -> AsyncIterator[StartServer]:
     """`await start_server(backends=..., db=...)` starts an App; all are stopped after."""
     started: list[Running] = []
 
@@ -94,7 +148,8 @@ async def start_server(tmp_path: Path) -> AsyncIterator[StartServer]:
         store_check_interval_s: float = 2.0,
         **local: float,
     ) -> Running:
-        settings = make_settings(db or tmp_path / "tasks.db", store_check_interval_s, **local)
+        db = db or tmp_path / "tasks.db"
+        settings = make_settings(db, store_check_interval_s, store_url(db), **local)
         if backends is None:
             backends = local_backends(
                 count=settings.local.count,

@@ -52,6 +52,7 @@ class StopReason(enum.Enum):
     CLIENT = "client"  # Cancel: the attempt ends CANCELLED
     SHUTDOWN = "shutdown"  # the server stops: the task goes back to the queue
     NOT_STORED = "not stored"  # started at Submit, whose write then failed: drop it
+    SUPERSEDED = "superseded"  # another replica ended or re-queued it: drop it
 
 
 class _End:
@@ -357,6 +358,8 @@ class Dispatcher:
         except asyncio.CancelledError:
             if attempt.task.is_terminal:
                 return None  # it finished while the stop was on its way
+            if attempt.stop_reason is StopReason.SUPERSEDED:
+                raise _Superseded from None
             if attempt.stop_reason is StopReason.CLIENT:
                 return states.cancel(attempt.task, self._clock.now())
             error = TaskError("INTERRUPTED", "the server shut down while the task ran", True)
@@ -499,6 +502,15 @@ class Dispatcher:
         self._stop(attempt, StopReason.CLIENT)
         await attempt.done.wait()
         return attempt.task
+
+    def changed_elsewhere(self, task_id: str, sequence: int) -> None:
+        """Another replica stored a change of `task_id`: if it is running here, that change
+        ended this attempt (Cancel there, or a re-queue after this replica's lease lapsed),
+        whose work is then stopped rather than finished for nothing."""
+        attempt = self._running.get(task_id)
+        if attempt is not None and sequence > attempt.task.sequence:
+            _log.info("task %s was changed by another replica; stopping its attempt", task_id)
+            self._stop(attempt, StopReason.SUPERSEDED)
 
     @staticmethod
     def _stop(attempt: _Attempt, reason: StopReason) -> None:

@@ -133,6 +133,35 @@ class EventHub:
         log = self._logs.get(task_id)
         return None if log is None else log.latest
 
+    def seed(self, task: Task) -> None:
+        """Keeps `task`, read from the store, as the latest copy when the hub has none or an
+        older one, without publishing it: the base a change from another replica is told
+        against (see ChangeFeed)."""
+        log = self._logs.get(task.id)
+        if log is not None:
+            if task.sequence > log.latest.sequence:
+                log.latest = task
+            return
+        self._logs[task.id] = _TaskLog(task, deque(maxlen=self._history_per_task))
+        if task.is_terminal:
+            self._finished[task.id] = None
+            while len(self._finished) > self._finished_kept:
+                old, _ = self._finished.popitem(last=False)
+                self._logs.pop(old, None)
+
+    def watched(self, task_id: str) -> bool:
+        return task_id in self._watches
+
+    def cached(self) -> list[str]:
+        """The ids of the tasks the hub keeps a copy of."""
+        return list(self._logs)
+
+    def drop(self, task_id: str) -> None:
+        """Forgets a task another replica changed, finished or not: Get then reads the
+        store rather than an old copy."""
+        self._logs.pop(task_id, None)
+        self._finished.pop(task_id, None)
+
     def forget(self, task_id: str) -> None:
         """Drops what the hub keeps of a finished task that was deleted from the store, so
         that Get does not answer with it from here."""

@@ -56,7 +56,23 @@ class Claimed:
     started: list[Task]
 
 
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A change another process stored (a store shared by several replicas announces each
+    one): the task's id, its sequence and state after the change."""
+
+    task_id: str
+    sequence: int
+    state: TaskState
+
+
+OnChange = Callable[[Change], None]
+
+
 class TaskStore(Protocol):
+    # This process's name in the store: the owner of the RUNNING tasks it runs.
+    replica: str
+
     """Every write is durable when its awaitable returns, and is applied atomically."""
 
     async def start(self) -> None:
@@ -114,6 +130,12 @@ class TaskStore(Protocol):
     async def orphaned(self, limit: int) -> list[Task]:
         """RUNNING tasks whose dispatcher is gone (its process died, or stopped renewing its
         lease), oldest first: any dispatcher may re-queue them."""
+        ...
+
+    def follow(self, on_change: OnChange, on_gap: Callable[[], None]) -> None:
+        """From now on calls `on_change` for each change another process stores, in order,
+        and `on_gap` when some may have been missed (the feed was cut and is back). A
+        store no other process writes never calls either."""
         ...
 
     async def queue_depth(self) -> dict[Priority, int]:

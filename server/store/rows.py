@@ -3,7 +3,7 @@ order, in both stores (the spec, output, error and usage as codec's JSON text)."
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Any
 
 from server.model.task import Task, TaskState
@@ -74,7 +74,7 @@ def update_params(task: Task, expected_sequence: int, replica: str) -> tuple[Any
     )
 
 
-def from_row(row: Sequence[Any]) -> Task:
+def from_row(row: Iterable[Any]) -> Task:
     (_pk, id_, client_id, _type, state, _prio, spec, sequence, attempt, backend, output,
      error, usage, created_at, started_at, ended_at, deadline, not_before, _key) = row  # fmt: skip
     return Task(

@@ -16,7 +16,7 @@ from server.model.stats import TaskStats
 from server.model.task import Priority, Task, TaskState
 
 from .aggregate import assemble_stats
-from .base import Claimed, ListPage, ListQuery, Starter, StatsQuery
+from .base import Claimed, ListPage, ListQuery, OnChange, Starter, StatsQuery
 from .group_commit import GroupCommitWriter
 from .rows import COLUMNS, INSERT_COLUMNS, UPDATE_SET, from_row, to_row, update_params
 
@@ -298,6 +298,9 @@ class SqliteTaskStore:
         if failure is not None and not stored:
             raise failure
         return Claimed(examined=len(candidates), started=stored)
+
+    def follow(self, on_change: OnChange, on_gap: Callable[[], None]) -> None:
+        """Nothing to follow: the file lock makes this process the file's only writer."""
 
     async def queue_depth(self) -> dict[Priority, int]:
         # Counted over the partial index tasks_queue (exactly the QUEUED rows, priority in

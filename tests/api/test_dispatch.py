@@ -304,6 +304,7 @@ async def test_backend_timeout_is_retried_not_taken_for_the_deadline(
     assert final.attempt == 2
 
 
+@pytest.mark.sqlite_only  # writes the SQLite file behind the server's back
 async def test_submit_whose_write_fails_leaves_no_work_running(
     start_server: StartServer, tmp_path: Path
 ) -> None:

@@ -9,10 +9,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client._proto.taskring.v1 import tasks_pb2 as pb
+from server.app import open_store
+from server.config import StoreSettings
 from server.model import states
 from server.model.task import ChatInput, ChatMessage, Task, TaskSpec, TaskState
-from server.store.sqlite import SqliteTaskStore
-from tests.conftest import StartServer, chat_spec, submit, wait_terminal, watch_all
+from server.store.base import TaskStore
+from tests.conftest import StartServer, StoreUrl, chat_spec, submit, wait_terminal, watch_all
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -68,7 +70,7 @@ async def test_shutdown_requeues_running_work_and_ends_open_streams(
     assert stored.error.code == "INTERRUPTED"
 
 
-async def reopen_and_get(store: SqliteTaskStore, task_id: str) -> Task | None:
+async def reopen_and_get(store: TaskStore, task_id: str) -> Task | None:
     await store.start()
     try:
         return await store.get(task_id)
@@ -77,12 +79,12 @@ async def reopen_and_get(store: SqliteTaskStore, task_id: str) -> Task | None:
 
 
 async def test_restart_requeues_running_tasks_until_attempts_run_out(
-    start_server: StartServer, tmp_path: Path
+    start_server: StartServer, store_url: StoreUrl, tmp_path: Path
 ) -> None:
     """Tasks left RUNNING by a dead process run again, unless that was their last attempt
     (a task that kills its process must not do so forever)."""
     db = tmp_path / "recover.db"
-    store = SqliteTaskStore(db)
+    store = open_store(StoreSettings(url=store_url(db)))  # a process that then dies
     await store.start()
     spec = TaskSpec(
         type="chat", input=ChatInput("local-echo", (ChatMessage("user", "hi"),)), max_attempts=2
@@ -107,13 +109,13 @@ async def test_restart_requeues_running_tasks_until_attempts_run_out(
 
 
 async def test_recovery_never_reuses_a_sequence_number_a_watcher_may_have_seen(
-    start_server: StartServer, tmp_path: Path
+    start_server: StartServer, store_url: StoreUrl, tmp_path: Path
 ) -> None:
     """Output deltas go to watchers before their commit, so one may have been seen but not
     stored when the process died: the recovered task skips that number, and a watcher
     resuming after it still sees the requeue."""
     db = tmp_path / "seen.db"
-    store = SqliteTaskStore(db)
+    store = open_store(StoreSettings(url=store_url(db)))
     await store.start()
     spec = TaskSpec(type="chat", input=ChatInput("local-echo", (ChatMessage("user", "hi"),)))
     queued = Task("t1", "anonymous", spec, TaskState.QUEUED, 1.0, 9e9)

@@ -9,19 +9,23 @@ from pathlib import Path
 
 import pytest
 
+from server.app import open_store
+from server.config import StoreSettings
 from server.model.stats import GroupStats, StateCount
 from server.model.task import CustomInput, Priority, Task, TaskSpec, TaskState, Usage
 from server.store.base import StatsQuery, TaskStore
-from server.store.sqlite import SCHEMA_VERSION, SqliteTaskStore
+from server.store.sqlite import SCHEMA_VERSION
+from tests.conftest import StoreUrl
 
 StoreFactory = Callable[[], TaskStore]
 T0 = 10_000.0  # the window starts here in most tests
 
 
-@pytest.fixture(params=["sqlite"])
-def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
+@pytest.fixture
+def make_store(store_url: StoreUrl, tmp_path: Path) -> StoreFactory:
+    """A factory reopening the same underlying database each call (SQLite or PostgreSQL)."""
     path = tmp_path / "stats.db"
-    return lambda: SqliteTaskStore(path)
+    return lambda: open_store(StoreSettings(url=store_url(path)))
 
 
 @pytest.fixture
@@ -181,6 +185,7 @@ async def test_percentiles_come_from_the_newest_runs_up_to_the_limit(store: Task
     assert stats.duration_sample_limit == 3
 
 
+@pytest.mark.sqlite_only  # edits the file's schema
 async def test_database_from_before_stats_opens_and_gains_its_index(
     make_store: StoreFactory, tmp_path: Path
 ) -> None:

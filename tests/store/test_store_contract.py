@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from server.app import open_store
+from server.config import StoreSettings
 from server.model import states
 from server.model.errors import StoreError
 from server.model.task import (
@@ -28,15 +30,16 @@ from server.model.task import (
 )
 from server.store.base import ListQuery, TaskStore
 from server.store.sqlite import SqliteTaskStore
+from tests.conftest import StoreUrl
 
 StoreFactory = Callable[[], TaskStore]
 
 
-@pytest.fixture(params=["sqlite"])
-def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
-    """A factory reopening the same underlying database each call."""
+@pytest.fixture
+def make_store(store_url: StoreUrl, tmp_path: Path) -> StoreFactory:
+    """A factory reopening the same underlying database each call (SQLite or PostgreSQL)."""
     path = tmp_path / "contract.db"
-    return lambda: SqliteTaskStore(path)
+    return lambda: open_store(StoreSettings(url=store_url(path)))
 
 
 @pytest.fixture
@@ -198,6 +201,7 @@ async def test_recovery_and_deadline_queries(store: TaskStore) -> None:
     assert [t.id for t in await store.expired(now=5001.5, limit=10)] == ["task-0000", "task-0001"]
 
 
+@pytest.mark.sqlite_only  # group commit is the SQLite store's
 async def test_concurrent_writes_commit_in_groups(store: SqliteTaskStore) -> None:
     """Many writers at once are all committed, sharing transactions (group commit)."""
     tasks = [new_task(n) for n in range(300)]
@@ -209,6 +213,7 @@ async def test_concurrent_writes_commit_in_groups(store: SqliteTaskStore) -> Non
     assert len((await store.list_page(ListQuery(client_id="client-a", limit=1000))).tasks) == 300
 
 
+@pytest.mark.sqlite_only  # group commit is the SQLite store's
 async def test_one_failing_write_does_not_undo_its_group(store: SqliteTaskStore) -> None:
     """A write that violates a constraint fails alone; the others in its group commit."""
     await store.create(new_task(1))
