@@ -28,7 +28,7 @@ from server.config import (
 from server.dispatch.dispatcher import DispatchSettings
 from server.dispatch.retry import RetryPolicy
 from server.model.task import Task
-from tests.pg import TestDatabase
+from tests.pg import RunDatabase
 
 ROOT = Path(__file__).resolve().parent.parent
 Handler = Callable[[Task], "AsyncIterator[BackendEvent]"]
@@ -116,9 +116,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(scope="session")
-def postgres() -> Iterator[TestDatabase]:
+def postgres() -> Iterator[RunDatabase]:
     """This run's own database on the machine's PostgreSQL, dropped at the end."""
-    database = TestDatabase()
+    database = RunDatabase()
     database.create()
     yield database
     database.drop()
@@ -131,7 +131,7 @@ StoreUrl = Callable[[Path], str]
 def store_url(store_kind: str, request: pytest.FixtureRequest) -> StoreUrl:
     """The store URL standing in for a SQLite file path, in the test's store kind."""
     if store_kind == "postgresql":
-        database: TestDatabase = request.getfixturevalue("postgres")
+        database: RunDatabase = request.getfixturevalue("postgres")
         return database.url_for
     return lambda path: f"sqlite:///{path}"
 

@@ -21,7 +21,7 @@ def _with_database(dsn: str, database: str) -> str:
     return f"{base}/{database}"
 
 
-class TestDatabase:
+class RunDatabase:
     """`create()` at the start of the run, `drop()` at its end (even with replicas still
     connected: WITH (FORCE))."""
 
