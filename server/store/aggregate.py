@@ -14,6 +14,17 @@ from .base import StatsQuery
 
 Row = Sequence[Any]
 
+# Run times of the newest finished runs per group, at most {limit} (the placeholder of the
+# store's dialect) each: the database sorts, Python gets a bounded list. Cancelled runs are
+# left out (the client cut them short). The same SQL in both stores.
+STATS_DURATIONS = (
+    "SELECT type, backend, duration FROM ("
+    " SELECT type, backend, ended_at - started_at AS duration, ROW_NUMBER() OVER ("
+    "  PARTITION BY type, backend ORDER BY created_at DESC, pk DESC) AS newest"
+    " FROM tasks WHERE state IN ('SUCCEEDED', 'FAILED') AND started_at IS NOT NULL"
+    " AND {where}) AS runs WHERE newest <= {limit}"
+)
+
 
 def assemble_stats(
     query: StatsQuery,

@@ -22,7 +22,7 @@ from server.model.errors import StoreError
 from server.model.stats import TaskStats
 from server.model.task import Priority, Task, TaskState
 
-from .aggregate import assemble_stats
+from .aggregate import STATS_DURATIONS, assemble_stats
 from .base import Change, Claimed, ListPage, ListQuery, OnChange, Starter, StatsQuery
 from .postgres_schema import MIGRATIONS, SCHEMA_VERSION, VERSIONS_TABLE
 from .rows import COLUMNS, INSERT_COLUMNS, UPDATE_SET, from_row, to_row, update_params
@@ -73,13 +73,6 @@ STATS_WINDOW = (
 STATS_QUEUE = (
     "SELECT state, priority, COUNT(*) FROM tasks"
     " WHERE state IN ('QUEUED', 'RUNNING') AND {where} GROUP BY state, priority"
-)
-STATS_DURATIONS = (
-    "SELECT type, backend, duration FROM ("
-    " SELECT type, backend, ended_at - started_at AS duration, ROW_NUMBER() OVER ("
-    "  PARTITION BY type, backend ORDER BY created_at DESC, pk DESC) AS newest"
-    " FROM tasks WHERE state IN ('SUCCEEDED', 'FAILED') AND started_at IS NOT NULL"
-    " AND {where}) AS runs WHERE newest <= {limit}"
 )
 MIGRATION_LOCK = (
     "SELECT pg_advisory_xact_lock(hashtext('taskring ' || current_setting('search_path')))"

@@ -15,7 +15,7 @@ from server.model.errors import StoreError
 from server.model.stats import TaskStats
 from server.model.task import Priority, Task, TaskState
 
-from .aggregate import assemble_stats
+from .aggregate import STATS_DURATIONS, assemble_stats
 from .base import Claimed, ListPage, ListQuery, OnChange, Starter, StatsQuery
 from .group_commit import GroupCommitWriter
 from .rows import COLUMNS, INSERT_COLUMNS, UPDATE_SET, from_row, to_row, update_params
@@ -344,15 +344,6 @@ STATS_QUEUE = (
     "SELECT state, priority, COUNT(*) FROM tasks INDEXED BY tasks_unfinished"
     " WHERE state IN ('QUEUED', 'RUNNING') AND {where} GROUP BY state, priority"
 )
-# Run times of the newest finished runs per group, at most `?` each: SQLite sorts, Python
-# gets a bounded list. Cancelled runs are left out (the client cut them short).
-STATS_DURATIONS = (
-    "SELECT type, backend, duration FROM ("
-    " SELECT type, backend, ended_at - started_at AS duration, ROW_NUMBER() OVER ("
-    "  PARTITION BY type, backend ORDER BY created_at DESC, pk DESC) AS newest"
-    " FROM tasks WHERE state IN ('SUCCEEDED', 'FAILED') AND started_at IS NOT NULL"
-    " AND {where}) WHERE newest <= ?"
-)
 
 
 def _stats(conn: sqlite3.Connection, query: StatsQuery) -> TaskStats:
@@ -377,7 +368,7 @@ def _stats(conn: sqlite3.Connection, query: StatsQuery) -> TaskStats:
         ).fetchall()
         window_rows = conn.execute(STATS_WINDOW.format(where=windowed), window_params).fetchall()
         duration_rows = conn.execute(
-            STATS_DURATIONS.format(where=windowed),
+            STATS_DURATIONS.format(where=windowed, limit="?"),
             [*window_params, query.duration_sample_limit],
         ).fetchall()
     finally:
