@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,15 @@ from tests.conftest import ROOT
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-# Not a Kubernetes object, and applied by hand rather than by `kubectl apply -k`.
+# Not a Kubernetes object.
 KUSTOMIZATION = K8S / "kustomization.yaml"
+# Applied by hand rather than by `kubectl apply -k`: the provider keys' template, and the
+# development PostgreSQL with the Secret that holds the store's URL.
 SECRET_TEMPLATE = K8S / "secret.yaml"
+POSTGRES_MANIFEST = K8S / "postgres.yaml"
+APPLIED_BY_HAND = (SECRET_TEMPLATE, POSTGRES_MANIFEST)
+# The image the Dockerfile builds (kustomization.yaml sets its registry and tag).
+TASKRING_IMAGE = "taskring"
 
 # What the router and the executors serve health for (server/api/server.py,
 # server/executor/app.py).
@@ -69,6 +76,33 @@ def container_env(container: Manifest) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
 
 
+def container_secret_refs(container: Manifest) -> dict[str, tuple[str, str]]:
+    """(Secret, key) of each env variable a container reads through secretKeyRef."""
+    refs: dict[str, tuple[str, str]] = {}
+    for entry in container.get("env", []):
+        ref = entry.get("valueFrom", {}).get("secretKeyRef")
+        if ref is not None:
+            refs[entry["name"]] = (ref["name"], ref["key"])
+    return refs
+
+
+def secret_data(objects: list[Manifest], name: str) -> dict[str, str]:
+    """A Secret's values (the committed manifests write them as stringData)."""
+    secret = k8s_object(objects, "Secret", name)
+    assert "data" not in secret, f"{name}: stringData only, so the tests can read it"
+    data: dict[str, str] = secret["stringData"]
+    return data
+
+
+def workloads(objects: list[Manifest]) -> list[Manifest]:
+    return [o for o in objects if o["kind"] in {"Deployment", "StatefulSet"}]
+
+
+def taskring_workloads(objects: list[Manifest]) -> list[Manifest]:
+    """The Deployments and StatefulSets that run the taskring image (not PostgreSQL's)."""
+    return [w for w in workloads(objects) if only_container(w)["image"] == TASKRING_IMAGE]
+
+
 def container_port(container: Manifest, name: str) -> int:
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     port: int = ports[name]
@@ -77,6 +111,13 @@ def container_port(container: Manifest, name: str) -> int:
 
 def port_of(address: str) -> int:
     return int(address.rpartition(":")[2])
+
+
+def postgres_url(url: str) -> urllib.parse.SplitResult:
+    """A TASKRING_STORE that names PostgreSQL, split; fails on anything else."""
+    parts = urllib.parse.urlsplit(url)
+    assert parts.scheme in {"postgresql", "postgres"}, f"not a PostgreSQL URL: {parts.scheme}"
+    return parts
 
 
 def configmap_file(objects: list[Manifest], workload: Manifest, path: str) -> str:

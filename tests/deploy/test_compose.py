@@ -1,5 +1,5 @@
 """docker-compose.yml and the Prometheus configuration it mounts: valid, and wired to what
-the router and the executors really serve."""
+the router, the executors and PostgreSQL really serve."""
 
 from __future__ import annotations
 
@@ -19,9 +19,13 @@ from tests.deploy.manifests import (
     ROUTER_READINESS,
     Manifest,
     duration_s,
+    k8s_object,
+    k8s_objects,
     load_compose,
     load_yaml,
+    only_container,
     port_of,
+    postgres_url,
     promtool,
 )
 
@@ -29,6 +33,10 @@ EXECUTORS = ("executor-1", "executor-2", "executor-3")
 TASKRING_SERVICES = ("router", *EXECUTORS)
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 METRICS_PORT = 9464
+POSTGRES = "postgres"
+POSTGRES_PORT = 5432
+# Where the official image keeps its data, unless PGDATA says otherwise.
+POSTGRES_DATA = "/var/lib/postgresql/data"
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +63,11 @@ def test_compose_file_follows_the_compose_specification(compose: Manifest) -> No
     assert problems == []
 
 
-def test_stack_has_router_three_executors_prometheus_and_grafana(
+def test_stack_has_router_three_executors_postgres_prometheus_and_grafana(
     services: dict[str, Manifest],
 ) -> None:
     """The services the README's compose section promises, and no others."""
-    assert set(services) == {*TASKRING_SERVICES, "prometheus", "grafana"}
+    assert set(services) == {*TASKRING_SERVICES, POSTGRES, "prometheus", "grafana"}
     for name in TASKRING_SERVICES:
         assert services[name]["build"]["context"] == "."
         assert services[name]["image"] == services["router"]["image"]
@@ -91,12 +99,13 @@ def test_taskring_services_check_readiness_through_the_healthcheck_module(
 
 
 def test_dependencies_wait_for_healthy_services(services: dict[str, Manifest]) -> None:
-    """depends_on waits for a healthcheck that exists; the router waits for all executors."""
+    """depends_on waits for a healthcheck that exists; the router waits for its store and
+    all executors."""
     for service in services.values():
         for dependency, condition in service.get("depends_on", {}).items():
             assert condition == {"condition": "service_healthy"}
             assert "test" in services[dependency]["healthcheck"]
-    assert set(services["router"]["depends_on"]) == set(EXECUTORS)
+    assert set(services["router"]["depends_on"]) == {POSTGRES, *EXECUTORS}
 
 
 def mounted_file(service: Manifest, target: str) -> Path:
@@ -141,12 +150,64 @@ def test_executor_environment_is_accepted(services: dict[str, Manifest]) -> None
         assert settings.listen.startswith("0.0.0.0:")
 
 
-def test_router_store_is_on_a_named_volume(services: dict[str, Manifest]) -> None:
-    """The SQLite file survives `docker compose down` (without -v) and image rebuilds."""
+def test_router_store_is_the_postgres_service(services: dict[str, Manifest]) -> None:
+    """TASKRING_STORE names the postgres service on its port, with the account and database
+    the image creates from its POSTGRES_* variables, and the router accepts it."""
+    environment = services["router"]["environment"]
+    url = postgres_url(environment["TASKRING_STORE"])
+    assert (url.hostname, url.port) == (POSTGRES, POSTGRES_PORT)
+    postgres = services[POSTGRES]["environment"]
+    assert url.username == postgres["POSTGRES_USER"]
+    assert url.password == postgres["POSTGRES_PASSWORD"]
+    assert url.path == "/" + postgres["POSTGRES_DB"]
+    assert "ports" not in services[POSTGRES]  # only the router talks to it
+    # The whole environment, TASKRING_CONFIG aside (a path inside the container).
+    without_config = {k: v for k, v in environment.items() if k != "TASKRING_CONFIG"}
+    assert Settings.from_env(without_config).store.is_postgresql
+
+
+def test_router_keeps_nothing_on_a_volume(compose: Manifest, services: dict[str, Manifest]) -> None:
+    """The store is PostgreSQL's: the router mounts its configuration alone, and no SQLite
+    volume is left in the file."""
     router = services["router"]
-    store = router["environment"]["TASKRING_STORE"].removeprefix("sqlite:///")
-    named = [v.split(":") for v in router["volumes"] if not v.startswith(".")]
-    assert any(store.startswith(target.rstrip("/") + "/") for _, target, *_ in named)
+    assert [v for v in router.get("volumes", []) if not v.startswith("./")] == []
+    assert "sqlite" not in str(router["environment"]).lower()
+    assert "router-data" not in compose.get("volumes", {})
+
+
+def test_postgres_data_is_on_a_named_volume(
+    compose: Manifest, services: dict[str, Manifest]
+) -> None:
+    """The database survives `docker compose down` (without -v) and image upgrades."""
+    postgres = services[POSTGRES]
+    data = postgres["environment"].get("PGDATA", POSTGRES_DATA)
+    named = [v.split(":") for v in postgres["volumes"] if not v.startswith(".")]
+    assert [source for source, target, *_ in named if data.startswith(target)] == ["postgres-data"]
+    assert "postgres-data" in compose["volumes"]
+
+
+def test_postgres_is_healthy_once_it_accepts_tcp_connections(
+    services: dict[str, Manifest],
+) -> None:
+    """pg_isready over TCP for the router's account and database: the image's temporary
+    server (while it initialises a new database) listens on the Unix socket alone, so a
+    socket check would let the router start too early."""
+    postgres = services[POSTGRES]
+    test = postgres["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "pg_isready"], test
+    args = dict(zip(test[2::2], test[3::2], strict=True))
+    environment = postgres["environment"]
+    assert args == {
+        "-h": "127.0.0.1",
+        "-U": environment["POSTGRES_USER"],
+        "-d": environment["POSTGRES_DB"],
+    }
+
+
+def test_postgres_is_the_image_kubernetes_runs(services: dict[str, Manifest]) -> None:
+    """One PostgreSQL version for the local stack and the development cluster."""
+    postgres = k8s_object(k8s_objects(), "StatefulSet", "taskring-postgres")
+    assert services[POSTGRES]["image"] == only_container(postgres)["image"]
 
 
 def test_stop_grace_outlasts_the_graceful_shutdown(services: dict[str, Manifest]) -> None:
@@ -163,6 +224,18 @@ def test_published_ports_stay_on_loopback(services: dict[str, Manifest]) -> None
     for service in services.values():
         for port in service.get("ports", []):
             assert port.startswith("127.0.0.1:"), port
+
+
+def test_published_host_ports_do_not_clash(services: dict[str, Manifest]) -> None:
+    """Each host port is published once: by one service, and one replica of it (a scaled
+    service could not bind its fixed host port twice)."""
+    published: list[str] = []
+    for service in services.values():
+        replicas = service.get("deploy", {}).get("replicas", 1)
+        for port in service.get("ports", []):
+            host, _, _ = port.rpartition(":")
+            published += [host] * replicas
+    assert len(published) == len(set(published)), published
 
 
 def test_prometheus_scrapes_the_router_and_executors_on_the_metrics_port(

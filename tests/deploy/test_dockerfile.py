@@ -20,6 +20,7 @@ from tests.deploy.manifests import (
     k8s_objects,
     only_container,
     port_of,
+    taskring_workloads,
 )
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -97,7 +98,7 @@ def test_runtime_copies_only_the_virtual_environment(runtime: list[Instruction])
 
 def test_runs_as_the_numeric_non_root_user_the_pods_expect(runtime: list[Instruction]) -> None:
     """USER is numeric (runAsNonRoot can only verify a number), not root, and the uid the
-    Kubernetes manifests run as."""
+    Kubernetes manifests run the image as."""
     user = args_of(runtime, "USER")[-1]
     uid, _, gid = user.partition(":")
     assert uid.isdigit()
@@ -106,8 +107,7 @@ def test_runs_as_the_numeric_non_root_user_the_pods_expect(runtime: list[Instruc
     assert int(gid) != 0
     run_as = {
         o["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
-        for o in k8s_objects()
-        if o["kind"] in {"Deployment", "StatefulSet"}
+        for o in taskring_workloads(k8s_objects())
     }
     assert run_as == {int(uid)}
 
@@ -150,11 +150,7 @@ def test_default_command_is_the_router_serving_every_interface(
 
 def test_kubernetes_runs_the_commands_the_image_installs() -> None:
     """The manifests' commands are console scripts of the package the image installs."""
-    commands = {
-        only_container(o)["command"][0]
-        for o in k8s_objects()
-        if o["kind"] in {"Deployment", "StatefulSet"}
-    }
+    commands = {only_container(o)["command"][0] for o in taskring_workloads(k8s_objects())}
     assert commands == {"taskring-server", "taskring-executor"}
     scripts = (ROOT / "pyproject.toml").read_text()
     assert all(f"\n{command} = " in scripts for command in commands)
