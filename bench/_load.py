@@ -160,17 +160,18 @@ async def wait_succeeded(stub: tasks_pb2_grpc.TaskServiceAsyncStub, task_id: str
 
 
 def submit_and_wait_call(
-    channels: Sequence[grpc.aio.Channel], request: tasks_pb2.SubmitRequest
+    channels: Sequence[grpc.aio.Channel], request: tasks_pb2.SubmitRequest, stream_offset: int = 0
 ) -> Call:
-    """Submit a task, then Stream it until SUCCEEDED; completes at the SUCCEEDED event."""
+    """Submit a task, then Stream it until SUCCEEDED; completes at the SUCCEEDED event.
+    The Submit goes on channel index % count, the Stream on the channel stream_offset
+    further: with channels to several routers in turn, 1 Streams on another router."""
     stubs: list[tasks_pb2_grpc.TaskServiceAsyncStub] = [
         tasks_pb2_grpc.TaskServiceStub(channel) for channel in channels
     ]
 
     async def call(index: int) -> float:
-        stub = stubs[index % len(stubs)]
-        reply = await stub.Submit(request)
-        return await wait_succeeded(stub, reply.task.id)
+        reply = await stubs[index % len(stubs)].Submit(request)
+        return await wait_succeeded(stubs[(index + stream_offset) % len(stubs)], reply.task.id)
 
     return call
 

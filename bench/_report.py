@@ -11,7 +11,7 @@ from dataclasses import asdict, is_dataclass
 from typing import IO, Any
 
 from _profile import HotSpots
-from _results import Check, LoadResult, RateResult, Report
+from _results import Check, LoadResult, RateResult, Ratio, Report, StoreLoad, StoreRun
 
 
 def fmt(value: float, digits: int = 0) -> str:
@@ -50,17 +50,19 @@ def print_table(report: Report) -> None:
         f"{env['grpcio']}, uvloop {env['uvloop']}, tree {env['git']}",
         file=out,
     )
-    print(f"store: {report.config['store_url']}  {report.config['durability']}", file=out)
     rows: list[LoadResult | RateResult] = [*report.echo, *report.submit, *report.e2e]
     rows += report.observability
     if report.rate:
         rows.append(report.rate)
-    print(
-        "".join(
-            f"{name:{'<' if i < 2 else '>'}{width}}" for i, (name, width, _) in enumerate(COLUMNS)
-        ),
-        file=out,
-    )
+    if rows:  # none when only the stores stage ran: it has its own table and stores
+        print(f"store: {report.config['store_url']}  {report.config['durability']}", file=out)
+        print(
+            "".join(
+                f"{name:{'<' if i < 2 else '>'}{width}}"
+                for i, (name, width, _) in enumerate(COLUMNS)
+            ),
+            file=out,
+        )
     for r in rows:
         print(
             "".join(
@@ -78,12 +80,69 @@ def print_table(report: Report) -> None:
             f"{report.rate.max_schedule_lag_ms:.2f} ms",
             file=out,
         )
+    print_stores(report.stores, out)
+    print_ratios(report.store_ratios(), out)
     print_celery(report, out)
     print_checks(report.checks(), out)
     print_profiles(report.profiles, out)
     if report.failure:
         print(f"\nRUN INCOMPLETE: {report.failure}", file=out)
     print(file=out, flush=True)
+
+
+# The stores table: one row per load. Routers' CPU is summed (in % of one core: the
+# machine has os.cpu_count() * 100); loop% is the busiest router's event loop; db CPU% is
+# every process of the PostgreSQL server (backends, WAL writer, ...), "-" for SQLite,
+# whose commits run in the router's own threads.
+STORE_COLUMNS: list[tuple[str, int, Callable[[StoreRun, StoreLoad], str]]] = [
+    ("config", 15, lambda run, _: run.label),
+    ("load", 7, lambda _, load: load.result.stage),
+    ("setting", 11, lambda _, load: load.result.setting),
+    ("ok", 6, lambda _, load: str(load.result.n_ok)),
+    ("err", 5, lambda _, load: str(sum(load.result.errors.values()))),
+    ("per s", 7, lambda _, load: fmt(load.result.per_s)),
+    ("p50 ms", 8, lambda _, load: fmt(load.result.latency.p50_ms, 2)),
+    ("p99 ms", 8, lambda _, load: fmt(load.result.latency.p99_ms, 2)),
+    ("rtr CPU%", 9, lambda _, load: fmt(load.result.cpu.server_pct)),
+    ("loop%", 6, lambda _, load: fmt(load.result.cpu.server_loop_pct)),
+    ("db CPU%", 8, lambda _, load: fmt(load.db_cpu_pct)),
+    ("cli CPU%", 9, lambda _, load: fmt(load.result.cpu.client_pct)),
+    ("other%", 7, lambda _, load: fmt(load.result.cpu.other_pct)),
+    ("rtr us/op", 10, lambda _, load: fmt(load.result.cpu.server_us_per_op)),
+    ("db us/op", 9, lambda _, load: fmt(load.db_us_per_op)),
+]
+
+
+def _align(column: int) -> str:
+    """The first three columns (names) are left-aligned, the figures right-aligned."""
+    return "<" if column < 3 else ">"
+
+
+def print_stores(runs: Sequence[StoreRun], out: IO[str]) -> None:
+    if not runs:
+        return
+    print("\nstores: Submit and e2e per store and router count (fresh store each)", file=out)
+    for run in runs:
+        if run.durability:
+            print(f"  {run.label}: {run.durability}", file=out)
+    print("".join(f"{h:{_align(i)}{w}}" for i, (h, w, _) in enumerate(STORE_COLUMNS)), file=out)
+    loads = [(run, load) for run in runs for load in (run.submit, run.e2e) if load]
+    for run, load in loads:
+        cells = (
+            f"{cell(run, load):{_align(i)}{w}}" for i, (_, w, cell) in enumerate(STORE_COLUMNS)
+        )
+        print("".join(cells), file=out)
+    for run, load in loads:
+        for error, count in load.result.errors.items():
+            print(f"  {run.label} {load.result.stage}: {count} x {error}", file=out)
+
+
+def print_ratios(ratios: Sequence[Ratio], out: IO[str]) -> None:
+    if not ratios:
+        return
+    print(f"\n{'ratio (a figure, no goal)':<48}{'value':>7}  detail", file=out)
+    for r in ratios:
+        print(f"{r.name:<48}{fmt(r.value, 2):>7}  {r.detail}", file=out)
 
 
 def print_celery(report: Report, out: IO[str]) -> None:
@@ -157,6 +216,8 @@ def summary_json(report: Report) -> str:
         },
         "e2e_best": best,
         "rate": report.rate,
+        "stores": report.stores,
+        "store_ratios": report.store_ratios(),
         "celery": report.celery,
         "celery_note": report.celery_note,
         "checks": checks,

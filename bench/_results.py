@@ -66,6 +66,39 @@ class RateResult:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreLoad:
+    """One load of the stores stage. result.cpu sums the routers (its loop% is the busiest
+    router's event loop); db_* is the PostgreSQL server's processes (NaN for SQLite, whose
+    work runs inside the router)."""
+
+    result: LoadResult
+    db_cpu_pct: float
+    db_us_per_op: float
+
+
+@dataclass(slots=True)
+class StoreRun:
+    """One configuration of the stores stage: a store, a router count, a fresh store.
+    Filled in as its loads are measured, so a run stopped midway still shows the first."""
+
+    label: str  # "sqlite", "postgresql x1", "postgresql x2"
+    store: str  # "sqlite" or "postgresql"
+    replicas: int
+    durability: str = ""
+    submit: StoreLoad | None = None
+    e2e: StoreLoad | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ratio:
+    """A ratio reported as a figure: no goal, it never fails the run."""
+
+    name: str
+    value: float
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class CeleryPool:
     label: str
     tasks_per_s: float
@@ -118,6 +151,7 @@ class Report:
     rate: RateResult | None = None
     # Submit loads without and with metrics + tracing, settings "off ..." / "on ...".
     observability: list[LoadResult] = field(default_factory=list)
+    stores: list[StoreRun] = field(default_factory=list)
     celery: CeleryResult | None = None
     celery_note: str = ""
     profiles: dict[str, HotSpots] = field(default_factory=dict)
@@ -125,6 +159,29 @@ class Report:
 
     def best_e2e(self) -> LoadResult | None:
         return max(self.e2e, key=lambda r: r.per_s, default=None)
+
+    def store_ratios(self) -> list[Ratio]:
+        """PostgreSQL with one router over SQLite, and each larger router count over one
+        router on PostgreSQL, for Submit calls/s and e2e tasks/s."""
+        by_key = {(run.store, run.replicas): run for run in self.stores}
+        one_pg, sqlite = by_key.get(("postgresql", 1)), by_key.get(("sqlite", 1))
+        pairs = [(one_pg, sqlite)] if one_pg and sqlite else []
+        if one_pg:
+            pairs += [
+                (r, one_pg) for r in self.stores if r.store == "postgresql" and r.replicas > 1
+            ]
+        out = []
+        for num, den in pairs:
+            for kind, unit in (("submit", "Submit calls/s"), ("e2e", "e2e tasks/s")):
+                a: StoreLoad | None = getattr(num, kind)
+                b: StoreLoad | None = getattr(den, kind)
+                if a and b:
+                    value = a.result.per_s / b.result.per_s if b.result.per_s else math.nan
+                    detail = f"{a.result.per_s:.0f} / {b.result.per_s:.0f}"
+                else:
+                    value, detail = math.nan, "not measured"
+                out.append(Ratio(f"{unit}: {num.label} / {den.label}", value, detail))
+        return out
 
     def checks(self) -> list[Check]:
         return [*self._submit_checks(), *self._celery_checks(), *self._observability_checks()]

@@ -15,7 +15,11 @@ In one run, on loopback, with the same load client (grpc.aio on uvloop, one proc
   observ  Submit as above without, then with, metrics and tracing (OTLP to bench/_otlp_sink.py,
           default sampling), a fresh server each, in turns; goal: on / off >= 0.9;
   celery  ../shared/bench/celery_baseline.py (Celery + Redis, no-op task) run by a Python
-          that has celery and redis, on the same machine after taskring has stopped.
+          that has celery and redis, on the same machine after taskring has stopped;
+  stores  (only when asked for: --stages stores) Submit and e2e as above on SQLite, on
+          PostgreSQL with one router and with two routers sharing it (--stores,
+          --replicas), a fresh store each; the ratios PostgreSQL x1 / SQLite and
+          PostgreSQL x2 / x1 are reported as figures, with no goal.
 
 Ratios are printed beside their goals (Submit/echo calls/s >= 0.6; taskring e2e tasks/s >=
 2x Celery's best pool; taskring e2e p99 at 200/s <= 0.5x Celery's best pool; Submit with
@@ -31,6 +35,9 @@ The work is split over the modules beside this script (bench/ is a folder of scr
 package); this one parses the options and runs the stages in order:
 
   _stages.py   the stages: echo, Submit, e2e sweep, fixed rate
+  _stores.py   the stores stage: SQLite and PostgreSQL, one and two routers
+  _replicas.py several routers as one: started together, channels interleaved, their CPU
+  _pg.py       a throwaway PostgreSQL database per configuration, dropped after it
   _load.py     the load client: closed and open loops, unary and Submit + Stream operations
   _procs.py    CPU use from /proc, the quiet-machine wait, server children and their groups
   _celery.py   the Celery + Redis baseline
@@ -53,7 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +86,7 @@ from _profile import Profiler, hot_spots, read_text
 from _report import print_table, summary_json
 from _results import Report
 from _stages import LoadSettings, echo_stage, observability_stage, taskring_stages
+from _stores import STORES, durability, store_configs, stores_stage
 
 # --------------------------------------------------------------------------- orchestration
 
@@ -91,20 +99,6 @@ def store_url(store: str, workdir: Path) -> str:
     if "://" in store:
         return store
     raise BenchError(f"--store {store!r}: expected sqlite or a store URL")
-
-
-def durability(env: Mapping[str, str]) -> str:
-    """What a Submit reply promises under this configuration."""
-    url = env["TASKRING_STORE"]
-    if url.startswith("sqlite:"):
-        sync = env.get("TASKRING_SQLITE_SYNCHRONOUS", "FULL").upper()
-        if sync in ("FULL", "EXTRA"):
-            return (
-                f"each Submit reply follows a durable commit (SQLite synchronous={sync}, "
-                "WAL, group commit: one fsync per group of concurrent Submits)"
-            )
-        return f"NOT durable: SQLite synchronous={sync}"
-    return "durability as configured by the store"
 
 
 def server_env(args: argparse.Namespace, workdir: Path) -> dict[str, str]:
@@ -178,6 +172,8 @@ def find_celery_python(args: argparse.Namespace, budget_end: float) -> tuple[Pat
     install never runs beside a measurement); or None and why."""
     if args.no_celery:
         return None, "--no-celery"
+    if "celery" not in args.stages:  # no venv created for a run that will not use it
+        return None, "not among --stages"
     if not Path(args.celery_script).exists():
         return None, f"{args.celery_script} not found"
     try:
@@ -219,6 +215,11 @@ async def run_all(run: Run, report: Report) -> None:
     if "observability" in stages:
         rounds = run.args.observability_rounds
         await observability_stage(run.settings, run.server_env, run.workdir, report, rounds)
+    if "stores" in stages:
+        configs = store_configs(run.args.stores, run.args.replicas)
+        await stores_stage(
+            run.settings, run.server_env, run.workdir, configs, run.args.postgresql_url, report
+        )
     if "celery" in stages:
         await run_celery(run, report)
 
@@ -245,14 +246,22 @@ async def main_async(run: Run, report: Report) -> None:
         report.profiles[label] = hot_spots(read_text(path), run.args.profile_top)
 
 
-STAGES = ("echo", "taskring", "observability", "celery")
+STAGES = ("echo", "taskring", "observability", "stores", "celery")
+# What a run without --stages measures: the stores stage needs a PostgreSQL server and
+# answers another question (which store, how many routers), so it runs only when asked for.
+DEFAULT_STAGES = ("echo", "taskring", "observability", "celery")
 
 
-def stage_set(text: str) -> tuple[str, ...]:
-    chosen = tuple(s.strip() for s in text.split(",") if s.strip())
-    if not chosen or set(chosen) - set(STAGES):
-        raise argparse.ArgumentTypeError(f"expected some of {','.join(STAGES)}: {text!r}")
-    return chosen
+def name_set(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma-separated subset of `choices`, in the order given."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        chosen = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+        if not chosen or set(chosen) - set(choices):
+            raise argparse.ArgumentTypeError(f"expected some of {','.join(choices)}: {text!r}")
+        return chosen
+
+    return parse
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -321,9 +330,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-celery", action="store_true", help="skip the Celery baseline")
     p.add_argument(
         "--stages",
-        type=stage_set,
-        default=STAGES,
+        type=name_set(STAGES),
+        default=DEFAULT_STAGES,
         help="which stages to run, of " + ",".join(STAGES),
+    )
+    p.add_argument(
+        "--stores",
+        type=name_set(STORES),
+        default=STORES,
+        help="stores the stores stage compares (SQLite with one router only)",
+    )
+    p.add_argument(
+        "--replicas",
+        type=int_list,
+        default=(1, 2),
+        help="router counts the stores stage runs on PostgreSQL; the e2e load uses the "
+        "first K of --e2e-concurrency and --channels' first count per router",
+    )
+    p.add_argument(
+        "--postgresql-url",
+        default="postgresql://127.0.0.1:5432/test",
+        help="a database to connect to on the PostgreSQL server the stores stage uses: it "
+        "creates (and drops) a database of its own beside it for each configuration",
     )
     p.add_argument(
         "--observability-rounds",
@@ -384,7 +412,8 @@ def write_json_out(path: str, line: str) -> None:
 def exit_status(report: Report) -> int:
     """2: the run failed before measuring taskring; 1: a goal missed or the run stopped
     early; 0 otherwise (a ratio that could not be measured, e.g. --no-celery, is N/A)."""
-    if report.failure and not (report.submit or report.e2e):
+    measured_stores = any(run.submit or run.e2e for run in report.stores)
+    if report.failure and not (report.submit or report.e2e or measured_stores):
         return 2
     missed = any(c.passed is False for c in report.checks())
     return 1 if missed or report.failure else 0
