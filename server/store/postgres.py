@@ -24,6 +24,7 @@ from server.model.task import Priority, Task, TaskState
 
 from .aggregate import STATS_DURATIONS, assemble_stats
 from .base import Change, Claimed, ListPage, ListQuery, OnChange, Starter, StatsQuery
+from .pg_batches import WriteBatches
 from .postgres_schema import MIGRATIONS, SCHEMA_VERSION, VERSIONS_TABLE
 from .rows import COLUMNS, INSERT_COLUMNS, UPDATE_SET, from_row, to_row, update_params
 
@@ -140,6 +141,7 @@ class PostgresTaskStore:
         self._pool: asyncpg.Pool | None = None
         self._channel = ""
         self._heartbeat: asyncio.Task[None] | None = None
+        self._writes = WriteBatches(self._acquire, (StoreError, *_DATABASE_ERRORS))
         self._follower: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -232,17 +234,19 @@ class PostgresTaskStore:
     async def create(self, task: Task) -> tuple[Task, bool]:
         row = to_row(task, self.replica)
         key = task.spec.idempotency_key
+
+        async def write(conn: asyncpg.Connection) -> asyncpg.Record | None:
+            if (await conn.execute(INSERT, *row)).endswith(" 1"):
+                return None
+            # The key was used before (the insert yielded to that task's row).
+            return await conn.fetchrow(
+                f"{SELECT} WHERE client_id=$1 AND idempotency_key=$2", task.client_id, key
+            )
+
         with _errors("store the task"):
-            async with self._acquire() as conn:
-                status = await conn.execute(INSERT, *row)
-                if status.endswith(" 1"):
-                    return task, True
-                # The key was used before (the insert yielded to that task's row).
-                existing = await conn.fetchrow(
-                    f"{SELECT} WHERE client_id=$1 AND idempotency_key=$2", task.client_id, key
-                )
+            existing = await self._writes.submit(write)
         if existing is None:
-            raise StoreError(f"task {task.id} was neither stored nor found")
+            return task, True
         return from_row(existing), False
 
     async def get(self, task_id: str) -> Task | None:
@@ -296,9 +300,12 @@ class PostgresTaskStore:
 
     async def update(self, task: Task, expected_sequence: int) -> bool:
         params = update_params(task, expected_sequence, self.replica)
+
+        async def write(conn: asyncpg.Connection) -> bool:
+            return bool(await conn.execute(UPDATE, *params) == "UPDATE 1")
+
         with _errors("store the change"):
-            status = await self._pool_or_fail().execute(UPDATE, *params)
-        return bool(status == "UPDATE 1")
+            return await self._writes.submit(write)
 
     async def delete_finished(self, ended_before: float, limit: int) -> list[str]:
         with _errors("delete finished tasks"):
@@ -405,4 +412,8 @@ class PostgresTaskStore:
 
     def statistics(self) -> dict[str, int]:
         pool = self._pool
-        return {"pool_size": 0 if pool is None else pool.get_size()}
+        return {
+            "pool_size": 0 if pool is None else pool.get_size(),
+            "commit_groups": self._writes.batches,
+            "writes": self._writes.writes,
+        }

@@ -29,6 +29,7 @@ from server.model.task import (
     Usage,
 )
 from server.store.base import ListQuery, TaskStore
+from server.store.postgres import PostgresTaskStore
 from server.store.sqlite import SqliteTaskStore
 from tests.conftest import StoreUrl
 
@@ -201,8 +202,9 @@ async def test_recovery_and_deadline_queries(store: TaskStore) -> None:
     assert [t.id for t in await store.expired(now=5001.5, limit=10)] == ["task-0000", "task-0001"]
 
 
-@pytest.mark.sqlite_only  # group commit is the SQLite store's
-async def test_concurrent_writes_commit_in_groups(store: SqliteTaskStore) -> None:
+async def test_concurrent_writes_commit_in_groups(
+    store: SqliteTaskStore | PostgresTaskStore,
+) -> None:
     """Many writers at once are all committed, sharing transactions (group commit)."""
     tasks = [new_task(n) for n in range(300)]
     results = await asyncio.gather(*(store.create(t) for t in tasks))
@@ -235,6 +237,21 @@ async def test_one_failing_write_does_not_undo_its_group(store: SqliteTaskStore)
     assert store.statistics()["commit_groups"] - groups_before == 2, "held group + one more"
     assert isinstance(results[0], StoreError)
     assert results[1] == (new_task(2), True)
+    assert await store.get("task-0002") == new_task(2)
+
+
+@pytest.mark.postgresql_only
+async def test_a_failing_write_fails_alone_in_its_group(store: TaskStore) -> None:
+    """A write that violates a constraint fails; the others committed with it do not."""
+    await store.create(new_task(1))
+    results = await asyncio.gather(
+        store.create(new_task(1)),  # same id: a bug, surfaces as an error
+        store.create(new_task(2)),
+        store.update(states.start(new_task(1), "b", 1.0), 1),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], StoreError)
+    assert list(results[1:]) == [(new_task(2), True), True]
     assert await store.get("task-0002") == new_task(2)
 
 
