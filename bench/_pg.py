@@ -21,6 +21,8 @@ from pathlib import Path
 import asyncpg
 from _console import BenchError, log
 
+from server.config import mask_password
+
 # The schema the routers are told to use (and create): a named one, as a deployment that
 # shares a database with other software would, rather than `public`.
 SCHEMA = "taskring"
@@ -75,21 +77,11 @@ class BenchDatabase:
         return [row[0] for row in rows]
 
 
-def redacted(url: str) -> str:
-    """The URL without its password, for messages (the report keeps them)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    return urllib.parse.urlunsplit(
-        parts._replace(netloc=parts.netloc.replace(parts.password, "***"))
-    )
-
-
 async def _connect(url: str) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        where = redacted(url)
+        where = mask_password(url)
         raise BenchError(f"PostgreSQL at {where} is needed for the stores stage: {exc}") from exc
 
 

@@ -20,7 +20,7 @@ import logging
 
 from server.dispatch.dispatcher import Dispatcher
 from server.model.errors import StoreError
-from server.model.task import ChatOutput, Task, TaskState
+from server.model.task import ChatOutput, Task, TaskState, chat_text
 from server.store.base import Change, TaskStore
 
 from .hub import EventHub, EventKind, TaskEvent
@@ -103,7 +103,7 @@ def events_between(before: Task | None, after: Task) -> list[TaskEvent]:
         return [TaskEvent(EventKind.STATE, after)]
     if after.sequence <= before.sequence:
         return []
-    seen, now = _text(before), _text(after)
+    seen, now = chat_text(before.output), chat_text(after.output)
     same_run = after.attempt == before.attempt and now.startswith(seen)
     delta = now[len(seen) :] if same_run else ""
     if after.state is before.state and same_run:
@@ -115,7 +115,3 @@ def events_between(before: Task | None, after: Task) -> list[TaskEvent]:
         events.append(TaskEvent(EventKind.OUTPUT, with_text, delta))
     events.append(TaskEvent(EventKind.STATE, after))
     return events
-
-
-def _text(task: Task) -> str:
-    return task.output.text if isinstance(task.output, ChatOutput) else ""

@@ -121,10 +121,7 @@ class EventHub:
             # history could hold hundreds of copies of its reply. A watcher resuming it
             # gets the final task as a snapshot instead, which restates everything.
             log.events.clear()
-            self._finished[task_id] = None
-            while len(self._finished) > self._finished_kept:
-                old, _ = self._finished.popitem(last=False)
-                self._logs.pop(old, None)
+            self._keep_finished(task_id)
         for watch in self._watches.get(task_id, ()):
             watch.push(event)
         self.published += 1
@@ -144,10 +141,14 @@ class EventHub:
             return
         self._logs[task.id] = _TaskLog(task, deque(maxlen=self._history_per_task))
         if task.is_terminal:
-            self._finished[task.id] = None
-            while len(self._finished) > self._finished_kept:
-                old, _ = self._finished.popitem(last=False)
-                self._logs.pop(old, None)
+            self._keep_finished(task.id)
+
+    def _keep_finished(self, task_id: str) -> None:
+        """Counts a finished task among the few kept, evicting the oldest beyond them."""
+        self._finished[task_id] = None
+        while len(self._finished) > self._finished_kept:
+            old, _ = self._finished.popitem(last=False)
+            self._logs.pop(old, None)
 
     def watched(self, task_id: str) -> bool:
         return task_id in self._watches
@@ -166,8 +167,7 @@ class EventHub:
         """Drops what the hub keeps of a finished task that was deleted from the store, so
         that Get does not answer with it from here."""
         if task_id in self._finished:
-            del self._finished[task_id]
-            self._logs.pop(task_id, None)
+            self.drop(task_id)
 
     def history(self, task_id: str, after_sequence: int, upto: int) -> list[TaskEvent] | None:
         """The events numbered after_sequence+1 … upto, or None if any of them is gone."""

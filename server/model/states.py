@@ -7,7 +7,7 @@ and resume events by sequence number alone. Callers persist the result before pu
 from __future__ import annotations
 
 from .errors import InvalidTransitionError
-from .task import ChatOutput, Task, TaskError, TaskOutput, TaskState, Usage
+from .task import ChatOutput, Task, TaskError, TaskOutput, TaskState, Usage, chat_text
 
 Q, R, S, F, C = (
     TaskState.QUEUED,
@@ -74,5 +74,4 @@ def append_output(task: Task, text: str) -> Task:
     """Chat text produced while RUNNING: not a state change, but it takes a sequence number."""
     if task.state is not R:
         raise InvalidTransitionError(f"task {task.id} is {task.state.value}, not RUNNING")
-    previous = task.output.text if isinstance(task.output, ChatOutput) else ""
-    return task.evolve(output=ChatOutput(previous + text), sequence=task.sequence + 1)
+    return task.evolve(output=ChatOutput(chat_text(task.output) + text), sequence=task.sequence + 1)

@@ -88,6 +88,11 @@ class ChatOutput:
     finish_reason: str = ""
 
 
+def chat_text(output: object) -> str:
+    """The chat text of an output so far; "" for none or another kind of output."""
+    return output.text if isinstance(output, ChatOutput) else ""
+
+
 @dataclass(frozen=True, slots=True)
 class EmbedOutput:
     vectors: tuple[tuple[float, ...], ...]

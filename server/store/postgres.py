@@ -227,6 +227,12 @@ class PostgresTaskStore:
     def _acquire(self) -> Any:
         return self._pool_or_fail().acquire()
 
+    async def _tasks(self, sql: str, *args: Any) -> list[Task]:
+        """The tasks a SELECT of whole rows returns."""
+        with _errors("read"):
+            rows = await self._pool_or_fail().fetch(sql, *args)
+        return [from_row(row) for row in rows]
+
     async def ping(self) -> None:
         with _errors("answer"):
             await self._pool_or_fail().fetchval("SELECT 1", timeout=PING_TIMEOUT_S)
@@ -250,9 +256,8 @@ class PostgresTaskStore:
         return from_row(existing), False
 
     async def get(self, task_id: str) -> Task | None:
-        with _errors("read"):
-            row = await self._pool_or_fail().fetchrow(f"{SELECT} WHERE id=$1", task_id)
-        return None if row is None else from_row(row)
+        found = await self._tasks(f"{SELECT} WHERE id=$1", task_id)
+        return found[0] if found else None
 
     async def list_page(self, query: ListQuery) -> ListPage:
         p = _Params()
@@ -319,9 +324,7 @@ class PostgresTaskStore:
             f"{SELECT} WHERE state='QUEUED' AND not_before<=$1 AND type=ANY($2::text[])"
             " ORDER BY priority DESC, pk LIMIT $3"
         )
-        with _errors("read"):
-            rows = await self._pool_or_fail().fetch(sql, now, sorted(types), limit)
-        return [from_row(r) for r in rows]
+        return await self._tasks(sql, now, sorted(types), limit)
 
     async def claim(self, limit: int, now: float, types: Set[str], start: Starter) -> Claimed:
         """Locks the ready rows no other replica has locked, writes the starts `start`
@@ -341,9 +344,7 @@ class PostgresTaskStore:
         return Claimed(examined=len(candidates), started=[started for _, started in plans])
 
     async def orphaned(self, limit: int) -> list[Task]:
-        with _errors("read"):
-            rows = await self._pool_or_fail().fetch(ORPHANED, self.replica, self.lease_s, limit)
-        return [from_row(r) for r in rows]
+        return await self._tasks(ORPHANED, self.replica, self.lease_s, limit)
 
     async def queue_depth(self) -> dict[Priority, int]:
         sql = "SELECT priority, COUNT(*) FROM tasks WHERE state='QUEUED' GROUP BY priority"
@@ -353,18 +354,14 @@ class PostgresTaskStore:
 
     async def in_states(self, states: Sequence[TaskState], limit: int) -> list[Task]:
         sql = f"{SELECT} WHERE state=ANY($1::text[]) ORDER BY pk LIMIT $2"
-        with _errors("read"):
-            rows = await self._pool_or_fail().fetch(sql, [s.value for s in states], limit)
-        return [from_row(r) for r in rows]
+        return await self._tasks(sql, [s.value for s in states], limit)
 
     async def expired(self, now: float, limit: int) -> list[Task]:
         sql = (
             f"{SELECT} WHERE state IN ('QUEUED', 'RUNNING') AND deadline<=$1"
             " ORDER BY deadline LIMIT $2"
         )
-        with _errors("read"):
-            rows = await self._pool_or_fail().fetch(sql, now, limit)
-        return [from_row(r) for r in rows]
+        return await self._tasks(sql, now, limit)
 
     def follow(self, on_change: OnChange, on_gap: Callable[[], None]) -> None:
         """Calls `on_change` for each change another replica stores, in commit order, and
