@@ -113,7 +113,7 @@ class App:
             recorder,
             members,
             self.clock,
-            dispatch or DispatchSettings(),
+            dispatch or DispatchSettings(retry=settings.file.retry),
             metrics=self.metrics,
             spans=None if tracing is None else TaskSpans(tracing.tracer),
         )
@@ -125,6 +125,7 @@ class App:
             self.dispatcher,
             self.clock,
             settings.tasks,
+            self.dispatcher.retry,
             lambda: self.dispatcher.task_types,
             self.task_types,
         )

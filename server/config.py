@@ -50,7 +50,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from .config_file import FileConfig, read_file_config
+from .config_file import FileConfig, default_retry, read_file_config
+from .dispatch.retry import MAX_ATTEMPTS
 
 T = TypeVar("T")
 
@@ -128,7 +129,7 @@ class TaskLimits:
     default_timeout_s: float = 600.0
     max_timeout_s: float = 86400.0
     default_max_attempts: int = 3
-    max_attempts: int = 10
+    max_attempts: int = MAX_ATTEMPTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,9 +179,11 @@ class Settings:
         )
         config_path = env.get("TASKRING_CONFIG", "")
         if config_path:
-            file, problems = read_file_config(config_path)
+            file, problems = read_file_config(config_path, settings.tasks.default_max_attempts)
             reader.problems.extend(problems)
-            settings = replace(settings, file=file)
+        else:
+            file = FileConfig(retry=default_retry(settings.tasks.default_max_attempts))
+        settings = replace(settings, file=file)
         if settings.tasks.default_max_attempts > settings.tasks.max_attempts:
             reader.problems.append(
                 f"TASKRING_DEFAULT_MAX_ATTEMPTS must not exceed {settings.tasks.max_attempts}"

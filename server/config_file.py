@@ -38,6 +38,14 @@ and custom task types. Everything else is set through TASKRING_* environment var
     rate = 200
     burst = 400
 
+    [retry]                       # every task type: retryable failures only
+    max_attempts = 3              # of a task that asks for none (TASKRING_DEFAULT_MAX_ATTEMPTS)
+    initial_backoff_s = 0.2       # the wait after attempt n: uniform in
+    max_backoff_s = 10            #   [0, min(max_backoff_s, initial * factor^(n-1))]
+    factor = 2
+    [retry.types.chat]            # a type's own; keys it leaves out come from [retry]
+    max_attempts = 5
+
 Every problem in the file is reported at once, each with its place (`backends[2].address`).
 """
 
@@ -47,9 +55,11 @@ import math
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from server.dispatch.retry import DEFAULT_MAX_ATTEMPTS, MAX_ATTEMPTS, RetryPolicies, RetryPolicy
 
 LOCAL, REMOTE, OPENAI, ANTHROPIC = "local", "remote", "openai", "anthropic"
 KINDS = (LOCAL, REMOTE, OPENAI, ANTHROPIC)
@@ -116,6 +126,7 @@ class FileConfig:
     limits: Limits = field(default_factory=Limits)
     # Raw [task_types.<name>] tables; server.tasktypes checks and loads them.
     task_types: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    retry: RetryPolicies = field(default_factory=RetryPolicies)
     # Relative paths in the file (schemas, secret files) are relative to its directory.
     base_dir: Path = field(default_factory=Path)
 
@@ -127,8 +138,11 @@ class _Problems(list[str]):
         return ok
 
 
-def read_file_config(path: str | Path) -> tuple[FileConfig, list[str]]:
-    """The parsed file and the problems found in it (empty when it is valid)."""
+def read_file_config(
+    path: str | Path, default_max_attempts: int = DEFAULT_MAX_ATTEMPTS
+) -> tuple[FileConfig, list[str]]:
+    """The parsed file and the problems found in it (empty when it is valid).
+    `default_max_attempts` is [retry] max_attempts when the file sets none."""
     path = Path(path)
     try:
         with path.open("rb") as file:
@@ -143,19 +157,25 @@ def read_file_config(path: str | Path) -> tuple[FileConfig, list[str]]:
         str(path),
         f"unknown sections {sorted(unknown)}; expected {', '.join(sorted(_SECTIONS))}",
     )
+    backends = _backends(raw.get("backends", []), problems)
+    task_types = _tables(raw.get("task_types", {}), "task_types", problems)
+    served = {"chat", "embed", *task_types, *(t for spec in backends for t in spec.task_types)}
     config = FileConfig(
-        backends=_backends(raw.get("backends", []), problems),
+        backends=backends,
         load_factor=_load_factor(raw.get("routing", {}), problems),
         prices=_prices(raw.get("prices", {}), problems),
         api_keys=_api_keys(raw.get("api_keys", []), problems),
         limits=_limits(raw.get("limits", {}), problems),
-        task_types=_tables(raw.get("task_types", {}), "task_types", problems),
+        task_types=task_types,
+        retry=_retry(raw.get("retry", {}), default_max_attempts, served, problems),
         base_dir=path.resolve().parent,
     )
     return config, [f"{path}: {p}" for p in problems]
 
 
-_SECTIONS = frozenset({"routing", "backends", "prices", "task_types", "api_keys", "limits"})
+_SECTIONS = frozenset(
+    {"routing", "backends", "prices", "task_types", "api_keys", "limits", "retry"}
+)
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -225,6 +245,69 @@ def _rate_limit(entry: Mapping[str, Any], where: str, problems: _Problems) -> Ra
         "required: the bucket's size, a whole number from 1 to 1000000",
     )
     return RateLimit(float(rate), int(burst)) if ok else None  # type: ignore[arg-type]
+
+
+_BACKOFF_KEYS = ("initial_backoff_s", "max_backoff_s", "factor")
+
+
+def default_retry(default_max_attempts: int) -> RetryPolicies:
+    """The policies of a file without [retry] (or of no file)."""
+    # An out-of-range TASKRING_DEFAULT_MAX_ATTEMPTS is reported by config.py.
+    return RetryPolicies(RetryPolicy(max_attempts=max(1, min(default_max_attempts, MAX_ATTEMPTS))))
+
+
+def _retry(
+    raw: object, default_max_attempts: int, served: set[str], problems: _Problems
+) -> RetryPolicies:
+    base = default_retry(default_max_attempts).default
+    if not problems.check(isinstance(raw, dict), "retry", "must be a table"):
+        return RetryPolicies(base)
+    assert isinstance(raw, dict)
+    base = _retry_policy({k: v for k, v in raw.items() if k != "types"}, "retry", base, problems)
+    by_type: dict[str, RetryPolicy] = {}
+    for name, entry in _tables(raw.get("types", {}), "retry.types", problems).items():
+        # A typo would otherwise leave the type on the default policy without a word.
+        problems.check(
+            name in served,
+            f"retry.types.{name}",
+            f"no such task type; known: {', '.join(sorted(served))}",
+        )
+        by_type[name] = _retry_policy(entry, f"retry.types.{name}", base, problems)
+    return RetryPolicies(base, by_type)
+
+
+def _retry_policy(
+    entry: Mapping[str, Any], where: str, inherited: RetryPolicy, problems: _Problems
+) -> RetryPolicy:
+    """`inherited` with the keys `entry` sets."""
+    problems.check(
+        not (unknown := set(entry) - {"max_attempts", *_BACKOFF_KEYS}),
+        where,
+        f"unknown keys {sorted(unknown)}; expected max_attempts, {', '.join(_BACKOFF_KEYS)}",
+    )
+    changes: dict[str, Any] = {}
+    attempts = entry.get("max_attempts", inherited.max_attempts)
+    if problems.check(
+        isinstance(attempts, int)
+        and not isinstance(attempts, bool)
+        and 1 <= attempts <= MAX_ATTEMPTS,
+        f"{where}.max_attempts",
+        f"must be a whole number from 1 to {MAX_ATTEMPTS} (attempts, the first included)",
+    ):
+        changes["max_attempts"] = attempts
+    for key in _BACKOFF_KEYS:
+        value = entry.get(key, getattr(inherited, key))
+        if problems.check(
+            isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 3600,
+            f"{where}.{key}",
+            "must be a number from 0 to 3600",
+        ):
+            changes[key] = float(value)
+    try:
+        return replace(inherited, **changes)
+    except ValueError as exc:  # the keys disagree: max_backoff_s below initial_backoff_s, say
+        problems.append(f"{where}: {exc}")
+        return inherited
 
 
 def _load_factor(routing: object, problems: _Problems) -> float:

@@ -7,11 +7,13 @@ import base64
 import binascii
 import functools
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence, Set
+from dataclasses import replace
 
 from .admission.validate import reportable, validate_spec
 from .clock import Clock
 from .config import TaskLimits
 from .dispatch.dispatcher import Dispatcher
+from .dispatch.retry import RetryPolicies
 from .events.hub import EventHub, EventKind, TaskEvent
 from .events.recorder import ChangeRecorder
 from .model import states
@@ -46,6 +48,7 @@ class TaskManager:
         dispatcher: Dispatcher,
         clock: Clock,
         limits: TaskLimits,
+        retry: RetryPolicies,
         known_types: Callable[[], Set[str]],
         custom_types: Mapping[str, TaskType] | None = None,
         new_id: Callable[[], str] | None = None,
@@ -56,6 +59,7 @@ class TaskManager:
         self._dispatcher = dispatcher
         self._clock = clock
         self._limits = limits
+        self._retry = retry
         # A callable: members (and the types they run) change while the server runs.
         self._known_types = known_types
         self._custom_types = custom_types or {}
@@ -69,6 +73,8 @@ class TaskManager:
     async def submit(self, client_id: str, spec: TaskSpec) -> tuple[Task, bool]:
         if not self._accepting:
             raise UnavailableError("the server is shutting down; submit to another replica")
+        if not spec.max_attempts:  # the type's default
+            spec = replace(spec, max_attempts=self._retry.for_type(spec.type).max_attempts)
         spec = validate_spec(spec, self._limits, self._known_types(), self._custom_types)
         now = self._clock.now()
         task = Task(

@@ -26,7 +26,7 @@ from server.config import (
     StoreSettings,
 )
 from server.dispatch.dispatcher import DispatchSettings
-from server.dispatch.retry import RetryPolicy
+from server.dispatch.retry import RetryPolicies, RetryPolicy
 from server.model.task import Task
 from tests.pg import RunDatabase
 
@@ -80,7 +80,7 @@ class Running:
     stub: tasks_pb2_grpc.TaskServiceAsyncStub
 
 
-FAST_RETRY = DispatchSettings(poll_interval_s=0.05, retry=RetryPolicy(0.01, 0.05))
+FAST_RETRY = DispatchSettings(poll_interval_s=0.05, retry=RetryPolicies(RetryPolicy(0.01, 0.05)))
 
 
 StartServer = Callable[..., Awaitable[Running]]

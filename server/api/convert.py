@@ -21,6 +21,7 @@ from server.model.task import (
     CustomOutput,
     EmbedInput,
     EmbedOutput,
+    EndedAttempt,
     Priority,
     Task,
     TaskError,
@@ -160,6 +161,18 @@ def task_to_pb(task: Task, *, with_spec: bool = True) -> pb.Task:
         output=None if task.output is None else output_to_pb(task.output),
         error=None if task.error is None else error_to_pb(task.error),
         usage=None if task.usage is None else usage_to_pb(task.usage),
+        attempts=[attempt_to_pb(a) for a in task.attempts] if task.attempts else None,
+    )
+
+
+def attempt_to_pb(attempt: EndedAttempt) -> pb.Attempt:
+    return pb.Attempt(
+        number=attempt.number,
+        backend=attempt.backend,
+        start_time=timestamp_to_pb(attempt.started_at),
+        end_time=timestamp_to_pb(attempt.ended_at),
+        outcome=STATE_TO_PB[attempt.outcome],
+        error=None if attempt.error is None else error_to_pb(attempt.error),
     )
 
 

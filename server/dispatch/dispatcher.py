@@ -30,7 +30,7 @@ from server.observability.tracing import TaskSpans
 from server.store.base import TaskStore
 
 from .members import Members
-from .retry import RetryPolicy
+from .retry import RetryPolicies
 
 _log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ class DispatchSettings:
     # How often to look for RUNNING tasks whose router died (see TaskStore.orphaned): with
     # a shared store, how soon after a replica's lease lapses its tasks run again.
     orphan_check_interval_s: float = 2.0
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # App passes the configured ones ([retry] in TASKRING_CONFIG).
+    retry: RetryPolicies = field(default_factory=RetryPolicies)
 
 
 class StopReason(enum.Enum):
@@ -100,6 +101,7 @@ class Dispatcher:
         members.on_available = self.wake
         self._clock = clock
         self._settings = settings
+        self.retry = settings.retry
         self._rng = rng or random.Random()
         # Dispatch and attempt spans; None when tracing is off (the hot path's only cost).
         self._spans = spans
@@ -143,7 +145,7 @@ class Dispatcher:
                 if task.attempt >= task.spec.max_attempts:
                     after = states.fail(task, interrupted, self._clock.now())
                 else:
-                    after = states.requeue(task, interrupted, 0.0)
+                    after = states.requeue(task, interrupted, 0.0, self._clock.now())
                 # An output delta may have been published, but not stored, just before the
                 # process died (Recorder.record_output): skip its number so that no watcher
                 # resuming after it misses this change.
@@ -363,7 +365,7 @@ class Dispatcher:
             if attempt.stop_reason is StopReason.CLIENT:
                 return states.cancel(attempt.task, self._clock.now())
             error = TaskError("INTERRUPTED", "the server shut down while the task ran", True)
-            return states.requeue(attempt.task, error, 0.0)
+            return states.requeue(attempt.task, error, 0.0, self._clock.now())
         except (_Superseded, StoreError):
             raise
         except Exception:  # noqa: BLE001 - a handler's bug fails its task, not the dispatcher
@@ -403,9 +405,10 @@ class Dispatcher:
     def _after_failure(self, task: Task, error: TaskError) -> Task:
         now = self._clock.now()
         if error.retryable and task.attempt < task.spec.max_attempts:
-            not_before = now + self._settings.retry.backoff_s(task.attempt, self._rng)
+            policy = self.retry.for_type(task.spec.type)
+            not_before = now + policy.backoff_s(task.attempt, self._rng)
             if not_before < task.deadline:
-                return states.requeue(task, error, not_before)
+                return states.requeue(task, error, not_before, now)
         return states.fail(task, error, now)
 
     def _deadline_failure(self, task: Task) -> Task:

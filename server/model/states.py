@@ -7,7 +7,16 @@ and resume events by sequence number alone. Callers persist the result before pu
 from __future__ import annotations
 
 from .errors import InvalidTransitionError
-from .task import ChatOutput, Task, TaskError, TaskOutput, TaskState, Usage, chat_text
+from .task import (
+    ChatOutput,
+    EndedAttempt,
+    Task,
+    TaskError,
+    TaskOutput,
+    TaskState,
+    Usage,
+    chat_text,
+)
 
 Q, R, S, F, C = (
     TaskState.QUEUED,
@@ -53,21 +62,35 @@ def start(task: Task, backend: str, now: float) -> Task:
     )
 
 
+def _history(
+    task: Task, outcome: TaskState, error: TaskError | None, now: float
+) -> tuple[EndedAttempt, ...]:
+    """The task's attempts, with the running one added as ended now (if one runs)."""
+    if task.state is not R:
+        return task.attempts
+    started_at = task.started_at if task.started_at is not None else now
+    ended = EndedAttempt(task.attempt, task.backend, started_at, now, outcome, error)
+    return (*task.attempts, ended)
+
+
 def succeed(task: Task, output: TaskOutput, usage: Usage | None, now: float) -> Task:
-    return _move(task, S, output=output, usage=usage, error=None, ended_at=now)
+    attempts = _history(task, S, None, now)
+    return _move(task, S, output=output, usage=usage, error=None, ended_at=now, attempts=attempts)
 
 
 def fail(task: Task, error: TaskError, now: float) -> Task:
-    return _move(task, F, error=error, ended_at=now)
+    return _move(task, F, error=error, ended_at=now, attempts=_history(task, F, error, now))
 
 
 def cancel(task: Task, now: float) -> Task:
-    return _move(task, C, error=TaskError("CANCELLED", "cancelled by the client"), ended_at=now)
+    error = TaskError("CANCELLED", "cancelled by the client")
+    return _move(task, C, error=error, ended_at=now, attempts=_history(task, C, None, now))
 
 
-def requeue(task: Task, error: TaskError | None, not_before: float) -> Task:
+def requeue(task: Task, error: TaskError | None, not_before: float, now: float) -> Task:
     """RUNNING → QUEUED: the attempt failed retryably or its process went away."""
-    return _move(task, Q, error=error, output=None, not_before=not_before)
+    attempts = _history(task, Q, error, now)
+    return _move(task, Q, error=error, output=None, not_before=not_before, attempts=attempts)
 
 
 def append_output(task: Task, text: str) -> Task:

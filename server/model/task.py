@@ -123,6 +123,20 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class EndedAttempt:
+    """One execution of a task that has ended: where it ran, when, and how it ended.
+    `outcome` QUEUED: the task went back to the queue (a retryable failure, or its router
+    stopped); `error` says why it did not succeed (None when it did, or was cancelled)."""
+
+    number: int
+    backend: str
+    started_at: float
+    ended_at: float
+    outcome: TaskState
+    error: TaskError | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Task:
     """A task as stored. Every change goes through a function of `states`, which bumps
     `sequence`."""
@@ -143,6 +157,9 @@ class Task:
     ended_at: float | None = None
     # Earliest time a QUEUED task may be claimed again (retry backoff).
     not_before: float = 0.0
+    # Every attempt that has ended, oldest first (at most max_attempts, plus those its
+    # router's death interrupted). The running one is attempt, backend and started_at.
+    attempts: tuple[EndedAttempt, ...] = ()
 
     @property
     def is_terminal(self) -> bool:

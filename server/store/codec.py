@@ -13,11 +13,13 @@ from server.model.task import (
     CustomOutput,
     EmbedInput,
     EmbedOutput,
+    EndedAttempt,
     Priority,
     TaskError,
     TaskInput,
     TaskOutput,
     TaskSpec,
+    TaskState,
     Usage,
 )
 
@@ -109,7 +111,11 @@ def decode_output(text: str | None) -> TaskOutput | None:
 def encode_error(value: TaskError | None) -> str | None:
     if value is None:
         return None
-    return _compact([value.code, value.message, value.retryable])
+    return _compact(_error_list(value))
+
+
+def _error_list(value: TaskError | None) -> list[Any] | None:
+    return None if value is None else [value.code, value.message, value.retryable]
 
 
 def decode_error(text: str | None) -> TaskError | None:
@@ -131,3 +137,30 @@ def decode_usage(text: str | None) -> Usage | None:
         return None
     input_tokens, output_tokens, cost_usd = json.loads(text)
     return Usage(input_tokens, output_tokens, cost_usd)
+
+
+def encode_attempts(value: tuple[EndedAttempt, ...]) -> str | None:
+    if not value:
+        return None
+    return _compact(
+        [
+            [a.number, a.backend, a.started_at, a.ended_at, a.outcome.value, _error_list(a.error)]
+            for a in value
+        ]
+    )
+
+
+def decode_attempts(text: str | None) -> tuple[EndedAttempt, ...]:
+    if text is None:
+        return ()
+    return tuple(
+        EndedAttempt(
+            number,
+            backend,
+            started_at,
+            ended_at,
+            TaskState(outcome),
+            None if error is None else TaskError(*error),
+        )
+        for number, backend, started_at, ended_at, outcome, error in json.loads(text)
+    )

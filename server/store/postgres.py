@@ -26,18 +26,28 @@ from .aggregate import STATS_DURATIONS, assemble_stats
 from .base import Change, Claimed, ListPage, ListQuery, OnChange, Starter, StatsQuery
 from .pg_batches import WriteBatches
 from .postgres_schema import MIGRATIONS, SCHEMA_VERSION, VERSIONS_TABLE
-from .rows import COLUMNS, INSERT_COLUMNS, UPDATE_SET, from_row, to_row, update_params
+from .rows import (
+    COLUMNS,
+    INSERT_COLUMNS,
+    INSERT_COUNT,
+    UPDATE_SET,
+    UPDATE_SET_COUNT,
+    from_row,
+    to_row,
+    update_params,
+)
 
 _log = logging.getLogger(__name__)
 
 SELECT = f"SELECT pk, {COLUMNS} FROM tasks"  # noqa: S608 - constants only
 INSERT = (
-    f"INSERT INTO tasks ({INSERT_COLUMNS}) VALUES ({', '.join(f'${i}' for i in range(1, 20))})"  # noqa: S608
+    f"INSERT INTO tasks ({INSERT_COLUMNS})"  # noqa: S608
+    f" VALUES ({', '.join(f'${i}' for i in range(1, INSERT_COUNT + 1))})"
     " ON CONFLICT (client_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
 )
 UPDATE = (
-    f"UPDATE tasks SET {UPDATE_SET.format(*(f'${i}' for i in range(1, 12)))}"  # noqa: S608
-    " WHERE id=$12 AND sequence=$13"
+    f"UPDATE tasks SET {UPDATE_SET.format(*(f'${i}' for i in range(1, UPDATE_SET_COUNT + 1)))}"  # noqa: S608
+    f" WHERE id=${UPDATE_SET_COUNT + 1} AND sequence=${UPDATE_SET_COUNT + 2}"
 )
 CLAIM = (
     f"{SELECT} WHERE state='QUEUED' AND not_before<=$1 AND type=ANY($2::text[])"

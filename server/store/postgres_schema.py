@@ -68,6 +68,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER tasks_changed AFTER INSERT OR UPDATE ON tasks
         FOR EACH ROW EXECUTE FUNCTION taskring_notify();
     """,
+    # 2: each task's ended attempts (codec.encode_attempts); NULL: none.
+    """
+    ALTER TABLE tasks ADD COLUMN attempts TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

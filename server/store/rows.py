@@ -13,17 +13,19 @@ from . import codec
 # The columns every read selects, after the row's pk.
 COLUMNS = (
     "id, client_id, type, state, priority, spec, sequence, attempt, backend, output, error,"
-    " usage, created_at, started_at, ended_at, deadline, not_before, idempotency_key"
+    " usage, created_at, started_at, ended_at, deadline, not_before, idempotency_key, attempts"
 )
 # An insert's: `owner` too, the replica whose dispatcher runs a RUNNING task (NULL in any
 # other state). When that replica is gone, its tasks are orphans for another to re-queue.
 INSERT_COLUMNS = f"{COLUMNS}, owner"
+INSERT_COUNT = INSERT_COLUMNS.count(",") + 1
 # An update's SET list, in update_params' order; its WHERE takes the id and the expected
 # sequence (the optimistic check).
 UPDATE_SET = (
     "state={}, sequence={}, attempt={}, backend={}, output={}, error={}, usage={},"
-    " started_at={}, ended_at={}, not_before={}, owner={}"
+    " started_at={}, ended_at={}, not_before={}, owner={}, attempts={}"
 )
+UPDATE_SET_COUNT = UPDATE_SET.count("{}")
 
 
 def owner_of(task: Task, replica: str) -> str | None:
@@ -51,6 +53,7 @@ def to_row(task: Task, replica: str) -> tuple[Any, ...]:
         task.deadline,
         task.not_before,
         task.spec.idempotency_key or None,
+        codec.encode_attempts(task.attempts),
         owner_of(task, replica),
     )
 
@@ -69,6 +72,7 @@ def update_params(task: Task, expected_sequence: int, replica: str) -> tuple[Any
         task.ended_at,
         task.not_before,
         owner_of(task, replica),
+        codec.encode_attempts(task.attempts),
         task.id,
         expected_sequence,
     )
@@ -76,7 +80,8 @@ def update_params(task: Task, expected_sequence: int, replica: str) -> tuple[Any
 
 def from_row(row: Iterable[Any]) -> Task:
     (_pk, id_, client_id, _type, state, _prio, spec, sequence, attempt, backend, output,
-     error, usage, created_at, started_at, ended_at, deadline, not_before, _key) = row  # fmt: skip
+     error, usage, created_at, started_at, ended_at, deadline, not_before, _key,
+     attempts) = row  # fmt: skip
     return Task(
         id=id_,
         client_id=client_id,
@@ -93,4 +98,5 @@ def from_row(row: Iterable[Any]) -> Task:
         started_at=started_at,
         ended_at=ended_at,
         not_before=not_before,
+        attempts=codec.decode_attempts(attempts),
     )

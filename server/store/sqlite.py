@@ -18,7 +18,16 @@ from server.model.task import Priority, Task, TaskState
 from .aggregate import STATS_DURATIONS, assemble_stats
 from .base import Claimed, ListPage, ListQuery, OnChange, Starter, StatsQuery
 from .group_commit import GroupCommitWriter
-from .rows import COLUMNS, INSERT_COLUMNS, UPDATE_SET, from_row, to_row, update_params
+from .rows import (
+    COLUMNS,
+    INSERT_COLUMNS,
+    INSERT_COUNT,
+    UPDATE_SET,
+    UPDATE_SET_COUNT,
+    from_row,
+    to_row,
+    update_params,
+)
 
 T = TypeVar("T")
 
@@ -49,7 +58,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     deadline        REAL NOT NULL,
     not_before      REAL NOT NULL,
     idempotency_key TEXT,
-    owner           TEXT  -- the store instance (process) running a RUNNING task
+    owner           TEXT, -- the store instance (process) running a RUNNING task
+    attempts        TEXT  -- the ended attempts (codec.encode_attempts); NULL: none
 );
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency
     ON tasks (client_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
@@ -64,8 +74,8 @@ CREATE INDEX IF NOT EXISTS tasks_finished
     ON tasks (ended_at) WHERE state IN ('SUCCEEDED', 'FAILED', 'CANCELLED');
 """
 SELECT = f"SELECT pk, {COLUMNS} FROM tasks"  # noqa: S608 - constants only
-INSERT = f"INSERT INTO tasks ({INSERT_COLUMNS}) VALUES ({', '.join('?' * 19)})"  # noqa: S608
-UPDATE = f"UPDATE tasks SET {UPDATE_SET.format(*'?' * 11)} WHERE id=? AND sequence=?"  # noqa: S608
+INSERT = f"INSERT INTO tasks ({INSERT_COLUMNS}) VALUES ({', '.join('?' * INSERT_COUNT)})"  # noqa: S608
+UPDATE = f"UPDATE tasks SET {UPDATE_SET.format(*'?' * UPDATE_SET_COUNT)} WHERE id=? AND sequence=?"  # noqa: S608
 # One statement (one write of a group commit) deletes at most `limit` of the oldest.
 DELETE_FINISHED = (
     "DELETE FROM tasks WHERE pk IN (SELECT pk FROM tasks"
@@ -190,6 +200,8 @@ class SqliteTaskStore:
             columns = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
             if "owner" not in columns:  # a file from before owners: its RUNNING are orphans
                 conn.execute("ALTER TABLE tasks ADD COLUMN owner TEXT")
+            if "attempts" not in columns:  # a file from before attempt history
+                conn.execute("ALTER TABLE tasks ADD COLUMN attempts TEXT")
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         finally:
             conn.close()

@@ -15,6 +15,8 @@ from google.protobuf import duration_pb2
 from client._proto.taskring.v1 import tasks_pb2 as pb
 from server.backends.base import BackendError, BackendEvent, Completed, OutputChunk
 from server.backends.local import Handler, LocalBackend, LocalModelSettings, builtin_handlers
+from server.dispatch.dispatcher import DispatchSettings
+from server.dispatch.retry import RetryPolicies, RetryPolicy
 from server.model.task import CustomInput, CustomOutput, Task
 from tests.conftest import Running, StartServer, chat_spec, local_backends, submit, wait_terminal
 
@@ -189,6 +191,69 @@ async def test_retryable_failure_retries_on_next_member_until_success(
     assert [attempt for attempt, _ in seen] == [1, 2, 3]
     # Attempt n starts at the n-th member clockwise: three attempts, three members.
     assert len({backend for _, backend in seen}) == 3, seen
+    # Each attempt is on the task: where it ran, how it ended, and why.
+    history = [(a.number, a.backend, a.outcome, a.error.code) for a in final.attempts]
+    assert history == [
+        (1, seen[0][1], pb.TASK_STATE_QUEUED, "BACKEND_ERROR"),
+        (2, seen[1][1], pb.TASK_STATE_QUEUED, "BACKEND_ERROR"),
+        (3, seen[2][1], pb.TASK_STATE_SUCCEEDED, ""),
+    ]
+    assert all(a.error.retryable for a in final.attempts[:2])
+    assert not final.attempts[2].HasField("error")
+    ends = [(a.start_time.ToNanoseconds(), a.end_time.ToNanoseconds()) for a in final.attempts]
+    assert all(start <= end for start, end in ends)
+    assert all(ends[i][1] <= ends[i + 1][0] for i in range(2)), "attempts in order, apart"
+    assert final.attempts[2].start_time == final.start_time
+
+
+async def test_each_task_type_retries_by_its_own_policy(start_server: StartServer) -> None:
+    """A type's configured policy sets the attempts of tasks that ask for none and the
+    wait between them; other types keep the default policy; a task's own max_attempts
+    wins over its type's."""
+
+    async def failing(task: Task) -> AsyncIterator[BackendEvent]:
+        if task.attempt:  # always; the yield below makes this an async generator
+            raise BackendError("BACKEND_ERROR", f"attempt {task.attempt} failed", retryable=True)
+        yield OutputChunk("")
+
+    # The default waits up to an hour before a retry; "eager" retries at once, 4 times.
+    retry = RetryPolicies(
+        default=RetryPolicy(3600.0, 3600.0, max_attempts=2),
+        by_type={"eager": RetryPolicy(0.0, 0.0, max_attempts=4)},
+    )
+    server = await start_server(
+        local_backends(extra={"eager": failing, "patient": failing}),
+        dispatch=DispatchSettings(poll_interval_s=0.05, retry=retry),
+    )
+    eager = await submit(server.stub, custom_spec("eager"))
+    assert eager.spec.max_attempts == 4, "the type's attempts, filled in at Submit"
+    final = await wait_terminal(server.stub, eager.id)
+    assert final.state == pb.TASK_STATE_FAILED
+    assert [a.number for a in final.attempts] == [1, 2, 3, 4]
+    assert [a.outcome for a in final.attempts] == [pb.TASK_STATE_QUEUED] * 3 + [
+        pb.TASK_STATE_FAILED
+    ]
+    assert final.attempts[3].error.message == "attempt 4 failed"
+
+    mine = await submit(server.stub, custom_spec("eager", max_attempts=2))
+    final = await wait_terminal(server.stub, mine.id)
+    assert (final.state, len(final.attempts)) == (pb.TASK_STATE_FAILED, 2)
+
+    # The default policy: 2 attempts, the retry waiting a random time of up to an hour
+    # (below a second once in 3,600 runs). Its deadline is far enough for the wait.
+    patient = await submit(
+        server.stub, custom_spec("patient", timeout=duration_pb2.Duration(seconds=86400))
+    )
+    assert patient.spec.max_attempts == 2
+    for _ in range(100):
+        task = (await server.stub.Get(pb.GetRequest(task_id=patient.id))).task
+        if task.attempts:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)  # several claim rounds: the retry must not have started
+    task = (await server.stub.Get(pb.GetRequest(task_id=patient.id))).task
+    assert (task.state, task.attempt, len(task.attempts)) == (pb.TASK_STATE_QUEUED, 1, 1)
+    assert task.error.message == "attempt 1 failed"
 
 
 async def test_non_retryable_failure_fails_at_once(start_server: StartServer) -> None:

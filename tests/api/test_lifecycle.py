@@ -68,6 +68,10 @@ async def test_shutdown_requeues_running_work_and_ends_open_streams(
     assert stored.state is TaskState.QUEUED
     assert stored.error is not None
     assert stored.error.code == "INTERRUPTED"
+    # The cut-short attempt is in the history; the next one will be number 2.
+    assert [(a.number, a.outcome, a.error) for a in stored.attempts] == [
+        (1, TaskState.QUEUED, stored.error)
+    ]
 
 
 async def reopen_and_get(store: TaskStore, task_id: str) -> Task | None:
@@ -106,6 +110,13 @@ async def test_restart_requeues_running_tasks_until_attempts_run_out(
     assert exhausted.state == pb.TASK_STATE_FAILED
     assert exhausted.error.code == "INTERRUPTED"
     assert exhausted.attempt == 2
+    assert [(a.number, a.outcome, a.error.code) for a in retried.attempts] == [
+        (1, pb.TASK_STATE_QUEUED, "INTERRUPTED"),
+        (2, pb.TASK_STATE_SUCCEEDED, ""),
+    ]
+    assert [(a.number, a.outcome, a.backend) for a in exhausted.attempts] == [
+        (2, pb.TASK_STATE_FAILED, "local-1")
+    ]
 
 
 async def test_recovery_never_reuses_a_sequence_number_a_watcher_may_have_seen(

@@ -8,6 +8,7 @@ import pytest
 
 from server.config import ConfigError, Settings
 from server.config_file import ApiKey, BackendSpec, Limits, ModelPrice, RateLimit, read_file_config
+from server.dispatch.retry import RetryPolicies, RetryPolicy
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -192,3 +193,63 @@ rate = 1
     ):
         assert place in text
     assert "trk_the-key-itself" not in text, "a misplaced key is not echoed"
+
+
+def test_retry_policies_are_read_per_task_type(tmp_path: Path) -> None:
+    """[retry] is every type's policy; [retry.types.X] overrides only the keys it sets."""
+    path = write(
+        tmp_path,
+        """
+[task_types.summarize]
+handler = "examples.summarize:summarize"
+
+[retry]
+initial_backoff_s = 0.5
+max_backoff_s = 30
+[retry.types.chat]
+max_attempts = 5
+[retry.types.summarize]
+factor = 3
+""",
+    )
+    config, problems = read_file_config(path, default_max_attempts=4)
+    assert problems == []
+    default = RetryPolicy(0.5, 30.0, 2.0, max_attempts=4)  # attempts: the environment's
+    assert config.retry == RetryPolicies(
+        default,
+        {
+            "chat": RetryPolicy(0.5, 30.0, 2.0, max_attempts=5),
+            "summarize": RetryPolicy(0.5, 30.0, 3.0, max_attempts=4),
+        },
+    )
+    assert config.retry.for_type("embed") == default
+    # Without a file, TASKRING_DEFAULT_MAX_ATTEMPTS is every type's.
+    settings = Settings.from_env({"TASKRING_DEFAULT_MAX_ATTEMPTS": "6"})
+    assert settings.file.retry == RetryPolicies(RetryPolicy(max_attempts=6))
+
+
+def test_bad_retry_policies_are_named_with_their_place(tmp_path: Path) -> None:
+    _, problems = read_file_config(
+        write(
+            tmp_path,
+            """
+[retry]
+max_attempts = 11
+jitter = "none"
+[retry.types.chat]
+initial_backoff_s = 5
+max_backoff_s = 1
+[retry.types.chta]
+factor = 0.5
+""",
+        )
+    )
+    text = "\n".join(problems)
+    for place in (
+        "retry: unknown keys ['jitter']",
+        "retry.max_attempts: must be a whole number from 1 to 10",
+        "retry.types.chat: need 0 <= initial_backoff_s <= max_backoff_s",
+        "retry.types.chta: no such task type; known: chat, embed",
+        "retry.types.chta: factor must be at least 1",
+    ):
+        assert place in text, text

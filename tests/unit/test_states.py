@@ -15,6 +15,7 @@ from server.model.task import (
     ChatInput,
     ChatMessage,
     ChatOutput,
+    EndedAttempt,
     Task,
     TaskError,
     TaskSpec,
@@ -87,7 +88,7 @@ def test_requeue_keeps_the_error_and_waits_for_backoff() -> None:
     """A retry goes back to QUEUED with the failed attempt's error and a not-before time."""
     running = states.start(task_in(TaskState.QUEUED), "b", 1.0)
     error = TaskError("BACKEND_ERROR", "overloaded", retryable=True)
-    queued = states.requeue(running, error, not_before=4.0)
+    queued = states.requeue(running, error, not_before=4.0, now=2.0)
     assert (queued.state, queued.error, queued.not_before, queued.attempt) == (
         TaskState.QUEUED,
         error,
@@ -97,6 +98,26 @@ def test_requeue_keeps_the_error_and_waits_for_backoff() -> None:
     again = states.start(queued, "c", 5.0)
     assert again.attempt == 2
     assert again.not_before == 0.0
+
+
+def test_each_ended_attempt_is_kept_with_its_backend_times_and_error() -> None:
+    """Every way an attempt ends adds it to the history; ending a task that never ran
+    (cancelled or past its deadline while QUEUED) adds none."""
+    error = TaskError("BACKEND_ERROR", "overloaded", retryable=True)
+    first = states.requeue(states.start(task_in(TaskState.QUEUED), "b", 1.0), error, 4.0, 2.0)
+    second = states.start(first, "c", 5.0)
+    done = states.succeed(second, ChatOutput("hi"), None, 6.0)
+    assert done.attempts == (
+        EndedAttempt(1, "b", 1.0, 2.0, TaskState.QUEUED, error),
+        EndedAttempt(2, "c", 5.0, 6.0, TaskState.SUCCEEDED, None),
+    )
+    bad = TaskError("INVALID_INPUT", "no")
+    failed = states.fail(states.start(first, "d", 7.0), bad, 8.0)
+    assert failed.attempts[-1] == EndedAttempt(2, "d", 7.0, 8.0, TaskState.FAILED, bad)
+    cancelled = states.cancel(states.start(first, "e", 9.0), 10.0)
+    assert cancelled.attempts[-1] == EndedAttempt(2, "e", 9.0, 10.0, TaskState.CANCELLED)
+    assert states.cancel(first, 11.0).attempts == first.attempts
+    assert states.fail(first, bad, 11.0).attempts == first.attempts
 
 
 def test_output_only_while_running() -> None:

@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17taskring/v1/tasks.proto\x12\x0btaskring.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x8e\x01\n\x0e\x43hatParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\tB\x0e\n\x0c_temperatureB\r\n\x0b_max_tokensB\x08\n\x06_top_p\"w\n\tChatInput\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.taskring.v1.ChatMessage\x12/\n\nparameters\x18\x03 \x01(\x0b\x32\x1b.taskring.v1.ChatParameters\"*\n\nEmbedInput\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\"\x99\x03\n\x08TaskSpec\x12\x0c\n\x04type\x18\x01 \x01(\t\x12&\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x16.taskring.v1.ChatInputH\x00\x12(\n\x05\x65mbed\x18\x03 \x01(\x0b\x32\x17.taskring.v1.EmbedInputH\x00\x12)\n\x06\x63ustom\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x12\x13\n\x0brouting_key\x18\x05 \x01(\t\x12\'\n\x08priority\x18\x06 \x01(\x0e\x32\x15.taskring.v1.Priority\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0cmax_attempts\x18\x08 \x01(\x05\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\x31\n\x06labels\x18\n \x03(\x0b\x32!.taskring.v1.TaskSpec.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"1\n\nChatOutput\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"9\n\x0b\x45mbedOutput\x12*\n\nembeddings\x18\x01 \x03(\x0b\x32\x16.taskring.v1.Embedding\"\x95\x01\n\nTaskOutput\x12\'\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x17.taskring.v1.ChatOutputH\x00\x12)\n\x05\x65mbed\x18\x02 \x01(\x0b\x32\x18.taskring.v1.EmbedOutputH\x00\x12)\n\x06\x63ustom\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x42\x08\n\x06result\"=\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"F\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\x03 \x01(\x01\"\xd5\x03\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12#\n\x04spec\x18\x03 \x01(\x0b\x32\x15.taskring.v1.TaskSpec\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.taskring.v1.TaskState\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\'\n\x06output\x18\x07 \x01(\x0b\x32\x17.taskring.v1.TaskOutput\x12%\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x16.taskring.v1.TaskError\x12!\n\x05usage\x18\t \x01(\x0b\x32\x12.taskring.v1.Usage\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x0e \x01(\x03\"4\n\rSubmitRequest\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.taskring.v1.TaskSpec\"B\n\x0eSubmitResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.taskring.v1.Task\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1d\n\nGetRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\".\n\x0bGetResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.taskring.v1.Task\" \n\rCancelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"1\n\x0e\x43\x61ncelResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.taskring.v1.Task\"=\n\x16SubmitAndStreamRequest\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.taskring.v1.TaskSpec\"V\n\x17SubmitAndStreamResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\x12*\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1b.taskring.v1.StreamResponse\"8\n\rStreamRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"/\n\x0cStateChanged\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.taskring.v1.Task\"\x1b\n\x0bOutputDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"\xb8\x01\n\x0eStreamResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12%\n\x08snapshot\x18\x02 \x01(\x0b\x32\x11.taskring.v1.TaskH\x00\x12\x32\n\rstate_changed\x18\x03 \x01(\x0b\x32\x19.taskring.v1.StateChangedH\x00\x12\x30\n\x0coutput_delta\x18\x04 \x01(\x0b\x32\x18.taskring.v1.OutputDeltaH\x00\x42\x07\n\x05\x65vent\"k\n\x0bListRequest\x12&\n\x06states\x18\x01 \x03(\x0e\x32\x16.taskring.v1.TaskState\x12\r\n\x05types\x18\x02 \x03(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"I\n\x0cListResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.taskring.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"H\n\x0cStatsRequest\x12\r\n\x05types\x18\x01 \x03(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"k\n\nStateCount\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.taskring.v1.TaskState\x12\'\n\x08priority\x18\x02 \x01(\x0e\x32\x15.taskring.v1.Priority\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\"\x95\x03\n\x0eTaskGroupStats\x12\x11\n\ttask_type\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x10\n\x08\x66inished\x18\x03 \x01(\x03\x12\x11\n\tsucceeded\x18\x04 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x03\x12\x11\n\tcancelled\x18\x06 \x01(\x03\x12\x14\n\x0csuccess_rate\x18\x07 \x01(\x01\x12/\n\x0c\x64uration_p50\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0c\x64uration_p90\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0c\x64uration_p99\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10\x64uration_samples\x18\x0b \x01(\x03\x12\x15\n\rmean_attempts\x18\x0c \x01(\x01\x12\x14\n\x0cinput_tokens\x18\r \x01(\x03\x12\x15\n\routput_tokens\x18\x0e \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\x0f \x01(\x01\"\xa9\x02\n\rStatsResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\x0c\x63ompute_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x0bqueue_depth\x18\x04 \x03(\x0b\x32\x17.taskring.v1.StateCount\x12.\n\rwindow_counts\x18\x05 \x03(\x0b\x32\x17.taskring.v1.StateCount\x12+\n\x06groups\x18\x06 \x03(\x0b\x32\x1b.taskring.v1.TaskGroupStats\x12\x1d\n\x15\x64uration_sample_limit\x18\x07 \x01(\x05*\xa1\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05*s\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03\x12\x13\n\x0fPRIORITY_URGENT\x10\x04\x32\xef\x03\n\x0bTaskService\x12\x41\n\x06Submit\x12\x1a.taskring.v1.SubmitRequest\x1a\x1b.taskring.v1.SubmitResponse\x12\x38\n\x03Get\x12\x17.taskring.v1.GetRequest\x1a\x18.taskring.v1.GetResponse\x12\x41\n\x06\x43\x61ncel\x12\x1a.taskring.v1.CancelRequest\x1a\x1b.taskring.v1.CancelResponse\x12\x43\n\x06Stream\x12\x1a.taskring.v1.StreamRequest\x1a\x1b.taskring.v1.StreamResponse0\x01\x12^\n\x0fSubmitAndStream\x12#.taskring.v1.SubmitAndStreamRequest\x1a$.taskring.v1.SubmitAndStreamResponse0\x01\x12;\n\x04List\x12\x18.taskring.v1.ListRequest\x1a\x19.taskring.v1.ListResponse\x12>\n\x05Stats\x12\x19.taskring.v1.StatsRequest\x1a\x1a.taskring.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17taskring/v1/tasks.proto\x12\x0btaskring.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x8e\x01\n\x0e\x43hatParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\tB\x0e\n\x0c_temperatureB\r\n\x0b_max_tokensB\x08\n\x06_top_p\"w\n\tChatInput\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.taskring.v1.ChatMessage\x12/\n\nparameters\x18\x03 \x01(\x0b\x32\x1b.taskring.v1.ChatParameters\"*\n\nEmbedInput\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\"\x99\x03\n\x08TaskSpec\x12\x0c\n\x04type\x18\x01 \x01(\t\x12&\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x16.taskring.v1.ChatInputH\x00\x12(\n\x05\x65mbed\x18\x03 \x01(\x0b\x32\x17.taskring.v1.EmbedInputH\x00\x12)\n\x06\x63ustom\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x12\x13\n\x0brouting_key\x18\x05 \x01(\t\x12\'\n\x08priority\x18\x06 \x01(\x0e\x32\x15.taskring.v1.Priority\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0cmax_attempts\x18\x08 \x01(\x05\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\x31\n\x06labels\x18\n \x03(\x0b\x32!.taskring.v1.TaskSpec.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"1\n\nChatOutput\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"9\n\x0b\x45mbedOutput\x12*\n\nembeddings\x18\x01 \x03(\x0b\x32\x16.taskring.v1.Embedding\"\x95\x01\n\nTaskOutput\x12\'\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x17.taskring.v1.ChatOutputH\x00\x12)\n\x05\x65mbed\x18\x02 \x01(\x0b\x32\x18.taskring.v1.EmbedOutputH\x00\x12)\n\x06\x63ustom\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x42\x08\n\x06result\"=\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"F\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\x03 \x01(\x01\"\xfd\x03\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12#\n\x04spec\x18\x03 \x01(\x0b\x32\x15.taskring.v1.TaskSpec\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.taskring.v1.TaskState\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\'\n\x06output\x18\x07 \x01(\x0b\x32\x17.taskring.v1.TaskOutput\x12%\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x16.taskring.v1.TaskError\x12!\n\x05usage\x18\t \x01(\x0b\x32\x12.taskring.v1.Usage\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x0e \x01(\x03\x12&\n\x08\x61ttempts\x18\x0f \x03(\x0b\x32\x14.taskring.v1.Attempt\"\xd8\x01\n\x07\x41ttempt\x12\x0e\n\x06number\x18\x01 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x07outcome\x18\x05 \x01(\x0e\x32\x16.taskring.v1.TaskState\x12%\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x16.taskring.v1.TaskError\"4\n\rSubmitRequest\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.taskring.v1.TaskSpec\"B\n\x0eSubmitResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.taskring.v1.Task\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1d\n\nGetRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\".\n\x0bGetResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.taskring.v1.Task\" \n\rCancelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"1\n\x0e\x43\x61ncelResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.taskring.v1.Task\"=\n\x16SubmitAndStreamRequest\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.taskring.v1.TaskSpec\"V\n\x17SubmitAndStreamResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\x12*\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1b.taskring.v1.StreamResponse\"8\n\rStreamRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"/\n\x0cStateChanged\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.taskring.v1.Task\"\x1b\n\x0bOutputDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"\xb8\x01\n\x0eStreamResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12%\n\x08snapshot\x18\x02 \x01(\x0b\x32\x11.taskring.v1.TaskH\x00\x12\x32\n\rstate_changed\x18\x03 \x01(\x0b\x32\x19.taskring.v1.StateChangedH\x00\x12\x30\n\x0coutput_delta\x18\x04 \x01(\x0b\x32\x18.taskring.v1.OutputDeltaH\x00\x42\x07\n\x05\x65vent\"k\n\x0bListRequest\x12&\n\x06states\x18\x01 \x03(\x0e\x32\x16.taskring.v1.TaskState\x12\r\n\x05types\x18\x02 \x03(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"I\n\x0cListResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.taskring.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"H\n\x0cStatsRequest\x12\r\n\x05types\x18\x01 \x03(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"k\n\nStateCount\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.taskring.v1.TaskState\x12\'\n\x08priority\x18\x02 \x01(\x0e\x32\x15.taskring.v1.Priority\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\"\x95\x03\n\x0eTaskGroupStats\x12\x11\n\ttask_type\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x10\n\x08\x66inished\x18\x03 \x01(\x03\x12\x11\n\tsucceeded\x18\x04 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x03\x12\x11\n\tcancelled\x18\x06 \x01(\x03\x12\x14\n\x0csuccess_rate\x18\x07 \x01(\x01\x12/\n\x0c\x64uration_p50\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0c\x64uration_p90\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0c\x64uration_p99\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10\x64uration_samples\x18\x0b \x01(\x03\x12\x15\n\rmean_attempts\x18\x0c \x01(\x01\x12\x14\n\x0cinput_tokens\x18\r \x01(\x03\x12\x15\n\routput_tokens\x18\x0e \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\x0f \x01(\x01\"\xa9\x02\n\rStatsResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\x0c\x63ompute_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x0bqueue_depth\x18\x04 \x03(\x0b\x32\x17.taskring.v1.StateCount\x12.\n\rwindow_counts\x18\x05 \x03(\x0b\x32\x17.taskring.v1.StateCount\x12+\n\x06groups\x18\x06 \x03(\x0b\x32\x1b.taskring.v1.TaskGroupStats\x12\x1d\n\x15\x64uration_sample_limit\x18\x07 \x01(\x05*\xa1\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05*s\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03\x12\x13\n\x0fPRIORITY_URGENT\x10\x04\x32\xef\x03\n\x0bTaskService\x12\x41\n\x06Submit\x12\x1a.taskring.v1.SubmitRequest\x1a\x1b.taskring.v1.SubmitResponse\x12\x38\n\x03Get\x12\x17.taskring.v1.GetRequest\x1a\x18.taskring.v1.GetResponse\x12\x41\n\x06\x43\x61ncel\x12\x1a.taskring.v1.CancelRequest\x1a\x1b.taskring.v1.CancelResponse\x12\x43\n\x06Stream\x12\x1a.taskring.v1.StreamRequest\x1a\x1b.taskring.v1.StreamResponse0\x01\x12^\n\x0fSubmitAndStream\x12#.taskring.v1.SubmitAndStreamRequest\x1a$.taskring.v1.SubmitAndStreamResponse0\x01\x12;\n\x04List\x12\x18.taskring.v1.ListRequest\x1a\x19.taskring.v1.ListResponse\x12>\n\x05Stats\x12\x19.taskring.v1.StatsRequest\x1a\x1a.taskring.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TASKSPEC_LABELSENTRY']._loaded_options = None
   _globals['_TASKSPEC_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKSTATE']._serialized_start=3637
-  _globals['_TASKSTATE']._serialized_end=3798
-  _globals['_PRIORITY']._serialized_start=3800
-  _globals['_PRIORITY']._serialized_end=3915
+  _globals['_TASKSTATE']._serialized_start=3896
+  _globals['_TASKSTATE']._serialized_end=4057
+  _globals['_PRIORITY']._serialized_start=4059
+  _globals['_PRIORITY']._serialized_end=4174
   _globals['_CHATMESSAGE']._serialized_start=135
   _globals['_CHATMESSAGE']._serialized_end=179
   _globals['_CHATPARAMETERS']._serialized_start=182
@@ -65,43 +65,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=1257
   _globals['_USAGE']._serialized_end=1327
   _globals['_TASK']._serialized_start=1330
-  _globals['_TASK']._serialized_end=1799
-  _globals['_SUBMITREQUEST']._serialized_start=1801
-  _globals['_SUBMITREQUEST']._serialized_end=1853
-  _globals['_SUBMITRESPONSE']._serialized_start=1855
-  _globals['_SUBMITRESPONSE']._serialized_end=1921
-  _globals['_GETREQUEST']._serialized_start=1923
-  _globals['_GETREQUEST']._serialized_end=1952
-  _globals['_GETRESPONSE']._serialized_start=1954
-  _globals['_GETRESPONSE']._serialized_end=2000
-  _globals['_CANCELREQUEST']._serialized_start=2002
-  _globals['_CANCELREQUEST']._serialized_end=2034
-  _globals['_CANCELRESPONSE']._serialized_start=2036
-  _globals['_CANCELRESPONSE']._serialized_end=2085
-  _globals['_SUBMITANDSTREAMREQUEST']._serialized_start=2087
-  _globals['_SUBMITANDSTREAMREQUEST']._serialized_end=2148
-  _globals['_SUBMITANDSTREAMRESPONSE']._serialized_start=2150
-  _globals['_SUBMITANDSTREAMRESPONSE']._serialized_end=2236
-  _globals['_STREAMREQUEST']._serialized_start=2238
-  _globals['_STREAMREQUEST']._serialized_end=2294
-  _globals['_STATECHANGED']._serialized_start=2296
-  _globals['_STATECHANGED']._serialized_end=2343
-  _globals['_OUTPUTDELTA']._serialized_start=2345
-  _globals['_OUTPUTDELTA']._serialized_end=2372
-  _globals['_STREAMRESPONSE']._serialized_start=2375
-  _globals['_STREAMRESPONSE']._serialized_end=2559
-  _globals['_LISTREQUEST']._serialized_start=2561
-  _globals['_LISTREQUEST']._serialized_end=2668
-  _globals['_LISTRESPONSE']._serialized_start=2670
-  _globals['_LISTRESPONSE']._serialized_end=2743
-  _globals['_STATSREQUEST']._serialized_start=2745
-  _globals['_STATSREQUEST']._serialized_end=2817
-  _globals['_STATECOUNT']._serialized_start=2819
-  _globals['_STATECOUNT']._serialized_end=2926
-  _globals['_TASKGROUPSTATS']._serialized_start=2929
-  _globals['_TASKGROUPSTATS']._serialized_end=3334
-  _globals['_STATSRESPONSE']._serialized_start=3337
-  _globals['_STATSRESPONSE']._serialized_end=3634
-  _globals['_TASKSERVICE']._serialized_start=3918
-  _globals['_TASKSERVICE']._serialized_end=4413
+  _globals['_TASK']._serialized_end=1839
+  _globals['_ATTEMPT']._serialized_start=1842
+  _globals['_ATTEMPT']._serialized_end=2058
+  _globals['_SUBMITREQUEST']._serialized_start=2060
+  _globals['_SUBMITREQUEST']._serialized_end=2112
+  _globals['_SUBMITRESPONSE']._serialized_start=2114
+  _globals['_SUBMITRESPONSE']._serialized_end=2180
+  _globals['_GETREQUEST']._serialized_start=2182
+  _globals['_GETREQUEST']._serialized_end=2211
+  _globals['_GETRESPONSE']._serialized_start=2213
+  _globals['_GETRESPONSE']._serialized_end=2259
+  _globals['_CANCELREQUEST']._serialized_start=2261
+  _globals['_CANCELREQUEST']._serialized_end=2293
+  _globals['_CANCELRESPONSE']._serialized_start=2295
+  _globals['_CANCELRESPONSE']._serialized_end=2344
+  _globals['_SUBMITANDSTREAMREQUEST']._serialized_start=2346
+  _globals['_SUBMITANDSTREAMREQUEST']._serialized_end=2407
+  _globals['_SUBMITANDSTREAMRESPONSE']._serialized_start=2409
+  _globals['_SUBMITANDSTREAMRESPONSE']._serialized_end=2495
+  _globals['_STREAMREQUEST']._serialized_start=2497
+  _globals['_STREAMREQUEST']._serialized_end=2553
+  _globals['_STATECHANGED']._serialized_start=2555
+  _globals['_STATECHANGED']._serialized_end=2602
+  _globals['_OUTPUTDELTA']._serialized_start=2604
+  _globals['_OUTPUTDELTA']._serialized_end=2631
+  _globals['_STREAMRESPONSE']._serialized_start=2634
+  _globals['_STREAMRESPONSE']._serialized_end=2818
+  _globals['_LISTREQUEST']._serialized_start=2820
+  _globals['_LISTREQUEST']._serialized_end=2927
+  _globals['_LISTRESPONSE']._serialized_start=2929
+  _globals['_LISTRESPONSE']._serialized_end=3002
+  _globals['_STATSREQUEST']._serialized_start=3004
+  _globals['_STATSREQUEST']._serialized_end=3076
+  _globals['_STATECOUNT']._serialized_start=3078
+  _globals['_STATECOUNT']._serialized_end=3185
+  _globals['_TASKGROUPSTATS']._serialized_start=3188
+  _globals['_TASKGROUPSTATS']._serialized_end=3593
+  _globals['_STATSRESPONSE']._serialized_start=3596
+  _globals['_STATSRESPONSE']._serialized_end=3893
+  _globals['_TASKSERVICE']._serialized_start=4177
+  _globals['_TASKSERVICE']._serialized_end=4672
 # @@protoc_insertion_point(module_scope)

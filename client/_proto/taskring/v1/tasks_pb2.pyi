@@ -478,6 +478,7 @@ class Task(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     client_id: _builtins.str
     """The client that submitted it (from authentication, never from the request)."""
@@ -508,6 +509,12 @@ class Task(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]:
+        """Every attempt that has ended, oldest first: where each ran, when, and why it did not
+        succeed. The running attempt is described by attempt, backend and start_time.
+        """
+
     def __init__(
         self,
         *,
@@ -525,14 +532,63 @@ class Task(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
         sequence: _builtins.int = ...,
+        attempts: _abc.Iterable[Global___Attempt] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "output", b"output", "spec", b"spec", "start_time", b"start_time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "backend", b"backend", "client_id", b"client_id", "create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "id", b"id", "output", b"output", "sequence", b"sequence", "spec", b"spec", "start_time", b"start_time", "state", b"state", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "backend", b"backend", "client_id", b"client_id", "create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "id", b"id", "output", b"output", "sequence", b"sequence", "spec", b"spec", "start_time", b"start_time", "state", b"state", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Task: _TypeAlias = Task  # noqa: Y015
+
+@_typing.final
+class Attempt(_message.Message):
+    """Attempt is one execution of a task that has ended."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    """From 1, as Task.attempt. An attempt cut short by its router stopping keeps its number;
+    the next one has the next number.
+    """
+    backend: _builtins.str
+    """The ring member it ran on."""
+    outcome: Global___TaskState.ValueType
+    """How it ended: SUCCEEDED, FAILED or CANCELLED as the task did; QUEUED when the task
+    went back to the queue (to be retried, or because its router stopped).
+    """
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def error(self) -> Global___TaskError:
+        """Why it did not succeed; unset when it succeeded or was cancelled."""
+
+    def __init__(
+        self,
+        *,
+        number: _builtins.int = ...,
+        backend: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        outcome: Global___TaskState.ValueType = ...,
+        error: Global___TaskError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "end_time", b"end_time", "error", b"error", "number", b"number", "outcome", b"outcome", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Attempt: _TypeAlias = Attempt  # noqa: Y015
 
 @_typing.final
 class SubmitRequest(_message.Message):
