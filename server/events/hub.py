@@ -49,7 +49,11 @@ class Watch:
         self.task_id = task_id
         self._coalesce_after = coalesce_after
         self._buffer: deque[TaskEvent] = deque()
-        self._ready = asyncio.Event()
+        # Set while next_event waits for a push. A bare future rather than asyncio.Event:
+        # Event.wait looks up the running loop on every call, which on Python 3.11 costs a
+        # getpid() system call, once per event per watcher.
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     def push(self, event: TaskEvent) -> None:
@@ -63,18 +67,28 @@ class Watch:
             self._buffer[-1] = TaskEvent(EventKind.OUTPUT, event.task, last.text + event.text)
         else:
             self._buffer.append(event)
-        self._ready.set()
+        self._wake()
 
     def close(self) -> None:
         self._closed = True
-        self._ready.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def next_event(self) -> TaskEvent | None:
         while not self._buffer:
             if self._closed:
                 return None
-            self._ready.clear()
-            await self._ready.wait()
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
         return self._buffer.popleft()
 
     @property
