@@ -4,7 +4,6 @@ SIGTERM/SIGINT, then shut down gracefully. The only place that installs signal h
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -36,11 +35,7 @@ async def serve(settings: Settings) -> int:
         _log.error("cannot start: %s", exc)
         await app.stop()
         return 1
-    # Everything built so far lives as long as the process: keep it out of the collector's
-    # scans, and collect young objects less often (a task allocates many short-lived ones;
-    # at the default threshold of 700 the collector took ~6% of a loaded server's time).
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
+    process.settle_heap()
     # Tests and scripts read this line to learn the port (TASKRING_LISTEN=127.0.0.1:0).
     print(f"taskring listening on {app.address}", flush=True)
     _log.info(

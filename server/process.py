@@ -4,6 +4,7 @@ loop."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from collections.abc import Coroutine
@@ -39,3 +40,12 @@ def run(
     finally:
         if provider is not None:
             provider.shutdown()  # exports the spans still batched
+
+
+def settle_heap() -> None:
+    """Call once the process has started: everything built so far lives as long as the
+    process, so keep it out of the collector's scans, and collect young objects less often
+    (a task allocates many short-lived ones; at the default threshold of 700 the collector
+    took ~6% of a loaded server's time)."""
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)

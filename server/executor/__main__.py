@@ -34,6 +34,7 @@ async def serve(settings: ExecutorSettings) -> int:
     except RuntimeError as exc:  # grpc raises RuntimeError for a busy port
         _log.error("cannot start: %s", exc)
         return 1
+    process.settle_heap()
     # Tests and scripts read this line to learn the port (TASKRING_EXECUTOR_LISTEN=...:0).
     print(f"taskring executor listening on {app.address}", flush=True)
     _log.info("running task types %s", ", ".join(sorted(app.backend.task_types)))
