@@ -64,5 +64,6 @@ def _read(path: str | Path | None) -> bytes | None:
 
 def _require_pem(name: str, value: bytes | None, marker: bytes) -> None:
     if value is not None and marker not in value:
+        kind = "certificate" if marker == _CERTIFICATE else "private key"
         # Never the value itself in the message: it may be a private key.
-        raise ValueError(f"{name} is not PEM: no {marker.decode().strip('-')} in it")
+        raise ValueError(f"{name} is not a PEM {kind} ({marker.decode()!r} missing)")

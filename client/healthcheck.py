@@ -121,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.timeout > 0:
         parser.error("--timeout must be more than 0")
+    if (args.cert is None) != (args.key is None):
+        parser.error("--cert and --key go together (mutual TLS): give both")
     tls = None
     if args.cacert or args.cert or args.key:
         try:

@@ -49,7 +49,7 @@ def test_tls_wants_a_certificate_and_its_key_together(pki: Pki) -> None:
 
 def test_a_file_of_the_wrong_kind_is_named_and_a_key_never_shown(pki: Pki) -> None:
     """A key given as the CA bundle is reported by its path; its content stays out."""
-    with pytest.raises(ValueError, match=f"CA file {pki.client_key} is not PEM") as caught:
+    with pytest.raises(ValueError, match=f"CA file {pki.client_key} is not a PEM certificate") as caught:
         Tls.from_files(pki.client_key)
     assert pki.client_key.read_text().splitlines()[1] not in str(caught.value)
     assert pki.client_key.read_text().splitlines()[1] not in repr(
