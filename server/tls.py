@@ -6,8 +6,8 @@
 
 Files are checked with the standard library's `ssl` (OpenSSL) before gRPC sees them, so a
 wrong path, a file that is not PEM or a key that belongs to another certificate stops the
-start with the variable and path named, rather than failing every handshake later. Errors
-name files, never their content: one of them is a private key.
+start with the variable and path named; gRPC itself would say only "Failed to bind to
+address". Errors name files, never their content: one of them is a private key.
 """
 
 from __future__ import annotations
