@@ -32,14 +32,13 @@ def server_tls(pki: Pki, *, mutual: bool = False) -> ServerTls:
 
 @contextlib.asynccontextmanager
 async def tls_router(
-    db: Path, tls: ServerTls, file: FileConfig | None = None, **local: float
+    db: Path, tls: ServerTls, file: FileConfig | None = None
 ) -> AsyncIterator[App]:
     """A router in this process serving `tls` on 127.0.0.1 (SQLite `db`, local executors):
     TLS is the port's business, the same on every store."""
-    settings = make_settings(db, **local)
+    settings = make_settings(db)
     settings = replace(settings, server=replace(settings.server, tls=tls))
     if file is not None:
         settings = replace(settings, file=file)
-    backends = local_backends(token_delay_s=settings.local.token_delay_s)
-    async with App(settings, backends=backends, dispatch=FAST_RETRY) as app:
+    async with App(settings, backends=local_backends(), dispatch=FAST_RETRY) as app:
         yield app

@@ -107,9 +107,7 @@ async def test_mutual_tls_refuses_a_client_without_a_certificate(
             await client.submit_chat("no certificate")
 
 
-async def test_mutual_tls_refuses_a_certificate_from_another_ca(
-    mtls_server: App, pki: Pki
-) -> None:
+async def test_mutual_tls_refuses_a_certificate_from_another_ca(mtls_server: App, pki: Pki) -> None:
     """A well-formed client certificate signed by an unrelated CA is refused."""
     intruder = Tls.from_files(pki.ca, pki.other_client_cert, pki.other_client_key)
     async with AsyncTaskringClient(mtls_server.address, tls=intruder, timeout_s=10) as client:
@@ -117,9 +115,7 @@ async def test_mutual_tls_refuses_a_certificate_from_another_ca(
             await client.submit_chat("let me in")
 
 
-async def test_mutual_tls_serves_a_client_with_its_certificate(
-    mtls_server: App, pki: Pki
-) -> None:
+async def test_mutual_tls_serves_a_client_with_its_certificate(mtls_server: App, pki: Pki) -> None:
     """The client certificate the CA signed completes Submit, Stream and Get."""
     answer = await submit_and_get(mtls_server.address, with_certificate(pki))
     assert answer == "[local-echo] over TLS"
