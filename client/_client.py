@@ -224,10 +224,11 @@ class _Resumer:
 # --- clients -----------------------------------------------------------------------------
 
 
-def _tls_of(channel: object, tls: Tls | None) -> Tls | None:
+def _refuse_tls_with_channel(channel: object, tls: Tls | None) -> None:
+    """`tls` describes the channel a client opens; a channel passed in has its own already,
+    and ignoring `tls` would leave the caller believing the calls are encrypted."""
     if channel is not None and tls is not None:
         raise ValueError("tls applies to the channel the client opens: pass channel or tls")
-    return tls
 
 
 def _call_metadata(
@@ -258,7 +259,7 @@ class AsyncTaskringClient:
         metadata: Sequence[tuple[str, str]] = (),
         tls: Tls | None = None,
     ) -> None:
-        tls = _tls_of(channel, tls)
+        _refuse_tls_with_channel(channel, tls)
         self._owns_channel = channel is None
         if channel is None:
             channel = (
@@ -477,7 +478,7 @@ class TaskringClient:
         metadata: Sequence[tuple[str, str]] = (),
         tls: Tls | None = None,
     ) -> None:
-        tls = _tls_of(channel, tls)
+        _refuse_tls_with_channel(channel, tls)
         self._owns_channel = channel is None
         if channel is None:
             channel = (
