@@ -1,4 +1,4 @@
-"""The Python client of taskring: async and blocking clients, their errors and message types."""
+"""The Python client of taskring: async and blocking clients, TLS, errors and message types."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from ._proto.taskring.v1.tasks_pb2 import (
     TaskSpec,
     TaskState,
 )
+from ._tls import Tls
 
 __all__ = [
     "AlreadyExistsError",
@@ -50,6 +51,7 @@ __all__ = [
     "TaskState",
     "TaskringClient",
     "TaskringError",
+    "Tls",
     "UnauthenticatedError",
     "UnavailableError",
 ]

@@ -35,6 +35,7 @@ from ._client import (
 )
 from ._errors import TaskringError
 from ._proto.taskring.v1 import admin_pb2, tasks_pb2
+from ._tls import Tls
 
 EXIT_SUCCEEDED = 0
 EXIT_FAILED = 1
@@ -85,14 +86,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
-    """The argument parser; `env` supplies TASKRING_TARGET (os.environ in `main`). The API
-    key comes from TASKRING_API_KEY only: a flag would show it in `ps` and shell history."""
+    """The argument parser; `env` supplies TASKRING_TARGET and the TLS files (os.environ in
+    `main`). The API key comes from TASKRING_API_KEY only: a flag would show it in `ps` and
+    shell history."""
     parser = _Parser(prog="taskring", description="Submit and follow taskring tasks.")
     parser.add_argument(
         "--target",
         default=env.get("TASKRING_TARGET") or DEFAULT_TARGET,
         help="server address (default: $TASKRING_TARGET or %(default)s)",
     )
+    _add_tls(parser, env)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     submit = commands.add_parser("submit", help="submit a task and print its id")
@@ -213,6 +216,29 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _add_tls(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    # grpcurl's names, so one set of files serves both tools.
+    tls = parser.add_argument_group("TLS (plaintext unless one of these is given)")
+    tls.add_argument(
+        "--cacert",
+        default=env.get("TASKRING_CACERT") or None,
+        metavar="FILE",
+        help="PEM CA bundle that signed the server's certificate (default: $TASKRING_CACERT)",
+    )
+    tls.add_argument(
+        "--cert",
+        default=env.get("TASKRING_CERT") or None,
+        metavar="FILE",
+        help="PEM client certificate for mutual TLS, with --key (default: $TASKRING_CERT)",
+    )
+    tls.add_argument(
+        "--key",
+        default=env.get("TASKRING_KEY") or None,
+        metavar="FILE",
+        help="PEM private key of --cert (default: $TASKRING_KEY)",
+    )
+
+
 def _add_keygen(commands: Any) -> None:  # argparse's _SubParsersAction is private
     keygen = commands.add_parser(
         "keygen",
@@ -291,6 +317,22 @@ def spec_from_args(args: argparse.Namespace) -> tasks_pb2.TaskSpec:
     if args.input_json is None:
         raise UsageError(f"a {args.task_type} task needs --input-json")
     return custom_spec(args.task_type, args.input_json, **options)
+
+
+def tls_from_args(args: argparse.Namespace) -> Tls | None:
+    """TLS from --cacert, --cert and --key (None: plaintext); UsageError naming the file
+    that cannot be used."""
+    if (args.cert is None) != (args.key is None):
+        given, missing = ("--cert", "--key") if args.key is None else ("--key", "--cert")
+        raise UsageError(f"{given} needs {missing}: mutual TLS takes a certificate and its key")
+    if args.cacert is None and args.cert is None:
+        return None
+    try:
+        return Tls.from_files(args.cacert, args.cert, args.key)
+    except OSError as err:
+        raise UsageError(f"cannot read {err.filename}: {err.strerror}") from None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def states_from_args(names: Sequence[str]) -> list[tasks_pb2.TaskState.ValueType]:
@@ -678,7 +720,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _keygen(args.client, args.admin)
     command: _Command = args.run
     try:
-        with TaskringClient(args.target, api_key=os.environ.get("TASKRING_API_KEY")) as client:
+        api_key = os.environ.get("TASKRING_API_KEY")
+        with TaskringClient(args.target, api_key=api_key, tls=tls_from_args(args)) as client:
             return command(client, args)
     except UsageError as err:
         print(f"taskring {args.command}: error: {err}", file=sys.stderr)

@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 
 from ._errors import UnavailableError, error_from_rpc
 from ._proto.taskring.v1 import admin_pb2, admin_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from ._tls import Tls
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_CHAT_MODEL = "local-echo"
@@ -223,6 +224,13 @@ class _Resumer:
 # --- clients -----------------------------------------------------------------------------
 
 
+def _refuse_tls_with_channel(channel: object, tls: Tls | None) -> None:
+    """`tls` describes the channel a client opens; a channel passed in has its own already,
+    and ignoring `tls` would leave the caller believing the calls are encrypted."""
+    if channel is not None and tls is not None:
+        raise ValueError("tls applies to the channel the client opens: pass channel or tls")
+
+
 def _call_metadata(
     api_key: str | None, metadata: Sequence[tuple[str, str]]
 ) -> tuple[tuple[str, str], ...] | None:
@@ -236,8 +244,9 @@ class AsyncTaskringClient:
 
     `timeout_s` is the deadline of each unary call (None: none); streams have none unless
     asked. `api_key` (a server with keys needs one) and `metadata` are sent with every call.
-    A `channel` passed in stays the caller's to close; otherwise the client opens an
-    insecure channel to `target` and closes it.
+    A `channel` passed in stays the caller's to close; otherwise the client opens a channel
+    to `target` and closes it: over TLS with `tls` (`Tls.from_files("ca.pem")`, plus
+    `cert_file` and `key_file` for mutual TLS), else plaintext.
     """
 
     def __init__(
@@ -248,9 +257,17 @@ class AsyncTaskringClient:
         timeout_s: float | None = 30.0,
         api_key: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        tls: Tls | None = None,
     ) -> None:
+        _refuse_tls_with_channel(channel, tls)
         self._owns_channel = channel is None
-        self._channel = grpc.aio.insecure_channel(target) if channel is None else channel
+        if channel is None:
+            channel = (
+                grpc.aio.insecure_channel(target)
+                if tls is None
+                else grpc.aio.secure_channel(target, tls.channel_credentials())
+            )
+        self._channel = channel
         self._stub: tasks_pb2_grpc.TaskServiceAsyncStub = tasks_pb2_grpc.TaskServiceStub(
             self._channel
         )
@@ -459,9 +476,17 @@ class TaskringClient:
         timeout_s: float | None = 30.0,
         api_key: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        tls: Tls | None = None,
     ) -> None:
+        _refuse_tls_with_channel(channel, tls)
         self._owns_channel = channel is None
-        self._channel = grpc.insecure_channel(target) if channel is None else channel
+        if channel is None:
+            channel = (
+                grpc.insecure_channel(target)
+                if tls is None
+                else grpc.secure_channel(target, tls.channel_credentials())
+            )
+        self._channel = channel
         self._stub = tasks_pb2_grpc.TaskServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
         self._timeout_s = timeout_s

@@ -11,6 +11,8 @@ executor's.
     python -m client.healthcheck                                   # router liveness
     python -m client.healthcheck --service taskring.v1.TaskService  # router readiness
     python -m client.healthcheck --service taskring.v1.ExecutorService 127.0.0.1:50061
+    python -m client.healthcheck --cacert ca.pem localhost:50051      # a TLS router
+    python -m client.healthcheck --cacert ca.pem --cert probe.pem --key probe.key ...  # mTLS
 
 Exit codes follow Docker's HEALTHCHECK contract: 0 healthy, 1 unhealthy, and never 2
 (which Docker reserves), not even for a bad command line.
@@ -26,6 +28,8 @@ from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ._tls import Tls
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 # Short, as a probe should be, but below Docker's and compose's usual 5 s HEALTHCHECK
@@ -53,14 +57,23 @@ class HealthResult:
 
 
 def check(
-    target: str = DEFAULT_TARGET, service: str = "", timeout_s: float = DEFAULT_TIMEOUT_S
+    target: str = DEFAULT_TARGET,
+    service: str = "",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    tls: Tls | None = None,
 ) -> HealthResult:
-    """Asks the health service at `target` (plaintext) about `service` (`""`: the whole
-    server). Blocking; the connection and the call together take at most `timeout_s`."""
+    """Asks the health service at `target` (plaintext, or over `tls`) about `service`
+    (`""`: the whole server). Blocking; the connection and the call together take at most
+    `timeout_s`."""
     # A proxy named by http_proxy/grpc_proxy in the container's environment must not
     # stand between a probe and the server it probes.
     options = [("grpc.enable_http_proxy", 0)]
-    with grpc.insecure_channel(target, options=options) as channel:
+    channel = (
+        grpc.insecure_channel(target, options=options)
+        if tls is None
+        else grpc.secure_channel(target, tls.channel_credentials(), options=options)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             # Fail fast (no wait_for_ready): a refused connection is an answer, not a
@@ -102,10 +115,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="SECONDS",
         help=f"longest wait for the answer (default {DEFAULT_TIMEOUT_S:g})",
     )
+    parser.add_argument("--cacert", metavar="FILE", help="PEM CA bundle: probe over TLS")
+    parser.add_argument("--cert", metavar="FILE", help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--key", metavar="FILE", help="PEM private key of --cert")
     args = parser.parse_args(argv)
     if not args.timeout > 0:
         parser.error("--timeout must be more than 0")
-    result = check(args.target, args.service, args.timeout)
+    if (args.cert is None) != (args.key is None):
+        parser.error("--cert and --key go together (mutual TLS): give both")
+    tls = None
+    if args.cacert or args.cert or args.key:
+        try:
+            tls = Tls.from_files(args.cacert, args.cert, args.key)
+        except (OSError, ValueError) as exc:
+            parser.error(str(exc))
+    result = check(args.target, args.service, args.timeout, tls)
     print(f"{args.target} service {args.service!r}: {result}")
     return HEALTHY if result.is_serving else UNHEALTHY
 

@@ -160,7 +160,11 @@ class App:
     async def start(self) -> None:
         # The port first: a second server started by mistake fails here, before it touches
         # the store.
-        self.port = self.server.add_insecure_port(self.settings.server.listen)
+        listen, tls = self.settings.server.listen, self.settings.server.tls
+        if tls is None:
+            self.port = self.server.add_insecure_port(listen)
+        else:
+            self.port = self.server.add_secure_port(listen, tls.credentials())
         if self.metrics_endpoint is not None:
             await self.metrics_endpoint.start()
             self.metrics_port = self.metrics_endpoint.port

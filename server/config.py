@@ -32,6 +32,12 @@ variable and raises one ConfigError that names each bad variable and value.
     TASKRING_METRICS_LISTEN         host:port of the Prometheus        127.0.0.1:9464
                                     endpoint (/metrics); empty or
                                     `off` turns metrics off
+    TASKRING_TLS_CERT               PEM certificate chain: serve TLS   (none: plaintext)
+    TASKRING_TLS_KEY                PEM private key of that chain      (none)
+                                    (both or neither; server/tls.py)
+    TASKRING_TLS_CLIENT_CA          PEM CA bundle: mutual TLS, every   (none)
+                                    client must present a certificate
+                                    it signed (needs the two above)
 
 The executor process (`taskring-executor`) reads TASKRING_LOCAL_TOKEN_DELAY_S,
 TASKRING_SHUTDOWN_GRACE_S, TASKRING_LOG_LEVEL, TASKRING_LOG_FORMAT, TASKRING_CONFIG (for its
@@ -52,6 +58,7 @@ from typing import TypeVar
 
 from .config_file import FileConfig, default_retry, read_file_config
 from .dispatch.retry import MAX_ATTEMPTS
+from .tls import ServerTls, read_server_tls
 
 T = TypeVar("T")
 
@@ -80,6 +87,9 @@ class ServerSettings:
     metrics_listen: str = ""
     # Serve without API keys on an address other machines can reach (TASKRING_INSECURE).
     insecure: bool = False
+    # TLS (mutual with a client CA) from TASKRING_TLS_*; None serves plaintext. It does not
+    # stand in for API keys: certificates say who may connect, keys whose tasks are whose.
+    tls: ServerTls | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +154,8 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         reader = _Reader(env)
+        tls, tls_problems = read_server_tls(env)
+        reader.problems.extend(tls_problems)
         settings = cls(
             server=ServerSettings(
                 listen=reader.get("TASKRING_LISTEN", "127.0.0.1:50051", _host_port),
@@ -152,6 +164,7 @@ class Settings:
                 log_format=reader.get("TASKRING_LOG_FORMAT", "json", _log_format),
                 metrics_listen=_metrics_listen(env, reader),
                 insecure=reader.get("TASKRING_INSECURE", False, _bool),
+                tls=tls,
             ),
             store=StoreSettings(
                 url=reader.get(

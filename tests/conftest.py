@@ -29,6 +29,7 @@ from server.dispatch.dispatcher import DispatchSettings
 from server.dispatch.retry import RetryPolicies, RetryPolicy
 from server.model.task import Task
 from tests.pg import RunDatabase
+from tests.tls_certs import Pki, issue_pki
 
 ROOT = Path(__file__).resolve().parent.parent
 Handler = Callable[[Task], "AsyncIterator[BackendEvent]"]
@@ -295,3 +296,10 @@ def server_processes() -> Iterator[list[ServerProcess]]:
     yield processes
     for process in processes:
         process.kill()
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA, a server certificate for 127.0.0.1 and localhost, client certificates of that
+    CA and of an unrelated one: issued once per run (tests/tls.py)."""
+    return issue_pki(tmp_path_factory.mktemp("pki"))

@@ -33,6 +33,10 @@ _TASK: ContextVar[tuple[str, str] | None] = ContextVar("taskring_log_task", defa
 
 # Environment variables whose values are secrets by their name (OPENAI_API_KEY, DB_PASSWORD).
 _SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+# Named like secrets, but holding the path of one: redacting it would blank every path that
+# shares its first characters (the certificate beside the key), and the file's content
+# never reaches a log.
+_SECRET_PATHS = frozenset({"TASKRING_TLS_KEY"})
 # Shorter values are too likely to be ordinary words ("true", a port) to redact everywhere.
 _MIN_ENV_SECRET = 8
 
@@ -71,6 +75,8 @@ class Secrets:
         """The values of variables named like secrets (…_API_KEY, …_TOKEN, …_PASSWORD):
         a custom task type may read its own key, which no configuration names."""
         for name, value in environ.items():
+            if name in _SECRET_PATHS:
+                continue
             if _SECRET_NAME.search(name) and len(value.strip()) >= _MIN_ENV_SECRET:
                 self.add(value.strip())
 

@@ -221,6 +221,15 @@ def test_secret_looking_environment_variables_are_redacted() -> None:
     assert redacted == "a [REDACTED] b [REDACTED] /home/x"
 
 
+def test_the_path_of_the_tls_key_stays_readable_in_logs() -> None:
+    """TASKRING_TLS_KEY names a file, not a secret: blanking it would also blank the
+    certificate's path beside it (same first characters) in the start-up log."""
+    secrets = logs.Secrets()
+    secrets.add_from_env({"TASKRING_TLS_KEY": "/etc/taskring/tls/server.key"})
+    text = "serving TLS with the certificate /etc/taskring/tls/server.pem"
+    assert secrets(text) == text
+
+
 def test_configure_sends_every_logger_to_the_stream_as_json() -> None:
     stream = io.StringIO()
     root = logging.getLogger()

@@ -1,0 +1,132 @@
+"""The server's TLS material: read and checked at start, turned into gRPC credentials.
+
+    TASKRING_TLS_CERT + TASKRING_TLS_KEY      TLS: clients verify the server
+    ... + TASKRING_TLS_CLIENT_CA              mutual TLS: the server also requires a client
+                                              certificate signed by this CA
+
+Files are checked with the standard library's `ssl` (OpenSSL) before gRPC sees them, so a
+wrong path, a file that is not PEM or a key that belongs to another certificate stops the
+start with the variable and path named; gRPC itself would say only "Failed to bind to
+address". Errors name files, never their content: one of them is a private key.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import grpc
+
+CERT_VAR = "TASKRING_TLS_CERT"
+KEY_VAR = "TASKRING_TLS_KEY"
+CLIENT_CA_VAR = "TASKRING_TLS_CLIENT_CA"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """PEM bytes: the certificate chain the server presents and its private key, and for
+    mutual TLS the CA bundle client certificates must chain to."""
+
+    certificate_chain: bytes
+    private_key: bytes = field(repr=False)
+    client_ca: bytes | None = None
+    # Where each came from, for the start-up log.
+    cert_file: str = ""
+    client_ca_file: str = ""
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.private_key, self.certificate_chain)],
+            root_certificates=self.client_ca,
+            # With a client CA, a handshake without a certificate it signed is refused.
+            require_client_auth=self.client_ca is not None,
+        )
+
+
+def read_server_tls(env: Mapping[str, str]) -> tuple[ServerTls | None, list[str]]:
+    """The TLS settings in `env` (None: plaintext) and every problem with them."""
+    cert_file = env.get(CERT_VAR, "").strip()
+    key_file = env.get(KEY_VAR, "").strip()
+    client_ca_file = env.get(CLIENT_CA_VAR, "").strip()
+    if not (cert_file or key_file or client_ca_file):
+        return None, []
+    if not (cert_file and key_file):
+        named = _named(cert_file, key_file, client_ca_file)
+        given = " and ".join(name for name, value in named if value)
+        missing = " and ".join(name for name, value in named[:2] if not value)
+        return None, [
+            f"{given} set but not {missing}: TLS needs both {CERT_VAR} (the server's"
+            f" certificate chain) and {KEY_VAR} (its private key), as PEM files"
+        ]
+    problems: list[str] = []
+    certificate_chain = _read(CERT_VAR, cert_file, problems)
+    private_key = _read(KEY_VAR, key_file, problems)
+    if certificate_chain is not None and private_key is not None:
+        _check_pair(cert_file, key_file, certificate_chain, problems)
+    client_ca = None
+    if client_ca_file:
+        client_ca = _read(CLIENT_CA_VAR, client_ca_file, problems)
+        if client_ca is not None:
+            _check_ca(client_ca, client_ca_file, problems)
+    if certificate_chain is None or private_key is None or problems:
+        return None, problems
+    tls = ServerTls(certificate_chain, private_key, client_ca, cert_file, client_ca_file)
+    return tls, []
+
+
+def _named(cert: str, key: str, client_ca: str) -> list[tuple[str, str]]:
+    return [(CERT_VAR, cert), (KEY_VAR, key), (CLIENT_CA_VAR, client_ca)]
+
+
+def _read(name: str, path: str, problems: list[str]) -> bytes | None:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        problems.append(f"{name}={path}: cannot read: {exc.strerror or exc}")
+        return None
+
+
+def _check_pair(
+    cert_file: str, key_file: str, certificate_chain: bytes, problems: list[str]
+) -> None:
+    """OpenSSL loads the pair as a server would: both PEM, the key the certificate's."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # A password callback that gives none: an encrypted key fails here instead of
+        # prompting on the terminal (gRPC cannot use one either).
+        context.load_cert_chain(cert_file, key_file, password=lambda: b"")
+    except ssl.SSLError as exc:
+        problems.append(_pair_problem(cert_file, key_file, certificate_chain, exc))
+
+
+def _pair_problem(
+    cert_file: str, key_file: str, certificate_chain: bytes, exc: ssl.SSLError
+) -> str:
+    if exc.reason == "KEY_VALUES_MISMATCH":
+        return (
+            f"{KEY_VAR}={key_file} is not the private key of {CERT_VAR}={cert_file}:"
+            " give the key the certificate was issued for"
+        )
+    # OpenSSL says "PEM lib" for either file: tell which one is not what it should be.
+    if _PEM_CERTIFICATE not in certificate_chain:
+        return f"{CERT_VAR}={cert_file}: not a PEM certificate ({_PEM_CERTIFICATE.decode()})"
+    return (
+        f"{KEY_VAR}={key_file}: not an unencrypted PEM private key"
+        " (-----BEGIN PRIVATE KEY-----, or its RSA or EC form)"
+    )
+
+
+_PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+
+
+def _check_ca(client_ca: bytes, client_ca_file: str, problems: list[str]) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cadata=client_ca.decode("ascii", errors="replace"))
+    except (ssl.SSLError, ValueError):  # ValueError: nothing in it at all
+        problems.append(
+            f"{CLIENT_CA_VAR}={client_ca_file}: no PEM CA certificate in it"
+            f" ({_PEM_CERTIFICATE.decode()})"
+        )
