@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._batch import BatchResult
 from ._client import AsyncTaskringClient, SpecOptions, TaskringClient
 from ._errors import (
     AlreadyExistsError,
@@ -31,6 +32,7 @@ from ._proto.taskring.v1.tasks_pb2 import (
 __all__ = [
     "AlreadyExistsError",
     "AsyncTaskringClient",
+    "BatchResult",
     "ChatInput",
     "ChatMessage",
     "ChatParameters",
