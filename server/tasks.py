@@ -121,14 +121,14 @@ class TaskManager:
 
     async def submit_batch(self, client_id: str, specs: Sequence[TaskSpec]) -> list[BatchOutcome]:
         """Submits each spec as `submit` would, storing the valid ones in one transaction;
-        one outcome per spec, in order. Fails as a whole only for no spec or more than
-        MAX_BATCH_TASKS, while shutting down, or when the store fails (nothing stored).
+        one outcome per spec, in order. Fails as a whole only while shutting down or when
+        the store fails (nothing stored). `specs` may be empty (the batch's tasks were all
+        refused before they got here); the caller bounds the batch with check_batch_size.
 
         Unlike Submit, no task starts before its commit: a batch is for throughput, and its
         tasks queue behind each other in priority order as the dispatcher claims them."""
         if not self._accepting:
             raise UnavailableError("the server is shutting down; submit to another replica")
-        check_batch_size(len(specs))
         outcomes: dict[int, BatchOutcome] = {}
         fresh: list[tuple[int, Task]] = []
         now = self._clock.now()

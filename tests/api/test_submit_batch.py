@@ -78,6 +78,19 @@ async def test_bad_tasks_are_refused_by_name_and_the_good_ones_run(server: Runni
     assert sorted(await stored_ids(server)) == sorted(r.task.id for r in good)
 
 
+async def test_a_batch_whose_every_task_is_bad_answers_each(server: Running) -> None:
+    """Every task refused, the call still succeeds: the errors are the tasks', not the
+    batch's, whether found when converting (priority) or when validating (model)."""
+    results = await submit_batch(
+        server, chat_spec(priority=99), pb.TaskSpec(chat=pb.ChatInput(model=""))
+    )
+    assert "tasks[0].priority" in violated(results[0])
+    assert "tasks[1].chat.model" in violated(results[1])
+    results = await submit_batch(server, chat_spec(priority=99))
+    assert "tasks[0].priority" in violated(results[0])
+    assert await stored_ids(server) == []
+
+
 async def test_a_batch_of_no_task_is_invalid_argument(server: Running) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await server.stub.SubmitBatch(pb.SubmitBatchRequest())
