@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._batch import BatchResult
 from ._client import AsyncTaskringClient, SpecOptions, TaskringClient
 from ._errors import (
     AlreadyExistsError,
@@ -32,6 +33,7 @@ from ._tls import Tls
 __all__ = [
     "AlreadyExistsError",
     "AsyncTaskringClient",
+    "BatchResult",
     "ChatInput",
     "ChatMessage",
     "ChatParameters",

@@ -20,6 +20,7 @@ import grpc
 from google.protobuf import duration_pb2, struct_pb2
 from google.protobuf.message import Message
 
+from ._batch import BatchResult, batch_results
 from ._errors import UnavailableError, error_from_rpc
 from ._proto.taskring.v1 import admin_pb2, admin_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from ._tls import Tls
@@ -299,6 +300,16 @@ class AsyncTaskringClient:
         request = tasks_pb2.SubmitRequest(task=spec)
         return await self._call(self._stub.Submit, request)
 
+    async def submit_batch(self, specs: Iterable[tasks_pb2.TaskSpec]) -> list[BatchResult]:
+        """Submits up to 1,000 tasks in one call, stored in one transaction (SubmitBatch):
+        one BatchResult per spec, in order. A refused task does not raise: its result
+        holds the error. The call raises only as a whole: InvalidArgumentError for no spec
+        or more than 1,000, UnavailableError (nothing stored), ResourceExhaustedError
+        when the client's limit has no token left (each task takes one; tasks past the
+        limit are refused one by one)."""
+        request = tasks_pb2.SubmitBatchRequest(tasks=specs)
+        return batch_results(await self._call(self._stub.SubmitBatch, request))
+
     async def submit_chat(
         self,
         prompt: str,
@@ -510,6 +521,11 @@ class TaskringClient:
 
     def submit(self, spec: tasks_pb2.TaskSpec) -> tasks_pb2.SubmitResponse:
         return self._call(self._stub.Submit, tasks_pb2.SubmitRequest(task=spec))
+
+    def submit_batch(self, specs: Iterable[tasks_pb2.TaskSpec]) -> list[BatchResult]:
+        """As AsyncTaskringClient.submit_batch."""
+        request = tasks_pb2.SubmitBatchRequest(tasks=specs)
+        return batch_results(self._call(self._stub.SubmitBatch, request))
 
     def submit_chat(
         self,

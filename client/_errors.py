@@ -24,6 +24,8 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from ._proto.taskring.v1 import tasks_pb2
+
 
 class TaskringError(Exception):
     """A call to the taskring service failed with a gRPC status."""
@@ -127,6 +129,20 @@ def error_from_rpc(err: grpc.RpcError) -> TaskringError:
             detail.Unpack(retry_info)
             retry_after_s = retry_info.retry_delay.ToTimedelta().total_seconds()
     return _BY_CODE.get(code, TaskringError)(code, details, violations, retry_after_s)
+
+
+_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def error_from_item(error: tasks_pb2.BatchItemError) -> TaskringError:
+    """One task's refusal in a SubmitBatch reply, as the error a Submit of that task alone
+    would have raised."""
+    code = _BY_NUMBER.get(error.code, grpc.StatusCode.UNKNOWN)
+    violations = [(v.field, v.description) for v in error.field_violations]
+    retry_after_s = None
+    if error.HasField("retry_delay"):
+        retry_after_s = error.retry_delay.ToTimedelta().total_seconds()
+    return _BY_CODE.get(code, TaskringError)(code, error.message, violations, retry_after_s)
 
 
 def _rich_details(err: grpc.Call | grpc.aio.AioRpcError) -> Sequence[any_pb2.Any]:

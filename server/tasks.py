@@ -23,6 +23,7 @@ from .model.errors import (
     FieldViolation,
     InvalidArgumentError,
     NotFoundError,
+    TaskringError,
     UnavailableError,
 )
 from .model.ids import UuidV7Factory
@@ -37,6 +38,12 @@ DEFAULT_STATS_WINDOW_S = 3600.0
 # Bounds the rows one Stats call aggregates (the window query reads each task in it).
 MAX_STATS_WINDOW_S = 7 * 86400.0
 MAX_STATS_TYPES = 100
+# Tasks in one SubmitBatch: one transaction, and a reply, of bounded size.
+MAX_BATCH_TASKS = 1000
+
+# What became of one task of a batch: (the task, created) as Submit answers, or why it
+# was refused.
+BatchOutcome = tuple[Task, bool] | TaskringError
 
 
 class TaskManager:
@@ -67,15 +74,13 @@ class TaskManager:
         self._accepting = True
 
     def stop_accepting(self) -> None:
-        """From now on Submit answers UNAVAILABLE (the server is shutting down)."""
+        """From now on Submit and SubmitBatch answer UNAVAILABLE (the server is shutting down)."""
         self._accepting = False
 
     async def submit(self, client_id: str, spec: TaskSpec) -> tuple[Task, bool]:
         if not self._accepting:
             raise UnavailableError("the server is shutting down; submit to another replica")
-        if not spec.max_attempts:  # the type's default
-            spec = replace(spec, max_attempts=self._retry.for_type(spec.type).max_attempts)
-        spec = validate_spec(spec, self._limits, self._known_types(), self._custom_types)
+        spec = self._validated(spec)
         now = self._clock.now()
         task = Task(
             id=self._new_id(),
@@ -93,14 +98,15 @@ class TaskManager:
         # whose caller went away mid-commit still publishes its task and hands it over.
         creation.add_done_callback(functools.partial(self._settle, task, started))
         stored, created = await asyncio.shield(creation)
-        if not created:
-            if stored.spec != spec:
-                raise AlreadyExistsError(
-                    f"idempotency key {spec.idempotency_key!r} was used for a different task"
-                    f" ({stored.id}); use a new key for a new task"
-                )
-            return stored, False
-        return stored, True
+        if not created and stored.spec != spec:
+            raise _key_reused(spec, stored)
+        return stored, created
+
+    def _validated(self, spec: TaskSpec) -> TaskSpec:
+        """`spec` checked (InvalidArgumentError naming each problem), with its defaults."""
+        if not spec.max_attempts:  # the task type's retry policy says how many
+            spec = replace(spec, max_attempts=self._retry.for_type(spec.type).max_attempts)
+        return validate_spec(spec, self._limits, self._known_types(), self._custom_types)
 
     def _settle(
         self, task: Task, started: Task | None, creation: asyncio.Future[tuple[Task, bool]]
@@ -116,8 +122,61 @@ class TaskManager:
         # so every watcher sees the same states whichever way it went.
         if started is not None:
             self._hub.publish(TaskEvent(EventKind.STATE, task))
+        self._hand_over(stored)
+
+    def _hand_over(self, stored: Task) -> None:
+        """Publishes a task just stored and gives it to the dispatcher."""
         self._hub.publish(TaskEvent(EventKind.STATE, stored))
         self._dispatcher.submitted(stored)
+
+    async def submit_batch(self, client_id: str, specs: Sequence[TaskSpec]) -> list[BatchOutcome]:
+        """Submits each spec as `submit` would, storing the valid ones in one transaction;
+        one outcome per spec, in order. Fails as a whole only while shutting down or when
+        the store fails (nothing stored). `specs` may be empty (the batch's tasks were all
+        refused before they got here); the caller bounds the batch with check_batch_size.
+
+        Unlike Submit, no task starts before its commit: a batch is for throughput, and its
+        tasks queue behind each other in priority order as the dispatcher claims them."""
+        if not self._accepting:
+            raise UnavailableError("the server is shutting down; submit to another replica")
+        outcomes: dict[int, BatchOutcome] = {}
+        fresh: list[tuple[int, Task]] = []
+        now = self._clock.now()
+        for index, asked in enumerate(specs):
+            try:
+                spec = self._validated(asked)
+            except InvalidArgumentError as exc:
+                outcomes[index] = exc
+                continue
+            task = Task(
+                id=self._new_id(),
+                client_id=client_id,
+                spec=spec,
+                state=TaskState.QUEUED,
+                created_at=now,
+                deadline=now + spec.timeout_s,
+            )
+            fresh.append((index, task))
+        stored = await self._create_batch([task for _, task in fresh]) if fresh else []
+        for (index, task), (kept, created) in zip(fresh, stored, strict=True):
+            if not created and kept.spec != task.spec:
+                outcomes[index] = _key_reused(task.spec, kept)
+            else:
+                outcomes[index] = (kept, created)
+        return [outcomes[index] for index in range(len(specs))]
+
+    async def _create_batch(self, tasks: list[Task]) -> list[tuple[Task, bool]]:
+        creation = asyncio.ensure_future(self._store.create_batch(tasks))
+        # As Submit's: settled from the write itself, whether or not the caller still waits.
+        creation.add_done_callback(self._settle_batch)
+        return await asyncio.shield(creation)
+
+    def _settle_batch(self, creation: asyncio.Future[list[tuple[Task, bool]]]) -> None:
+        if creation.cancelled() or creation.exception() is not None:
+            return  # nothing was stored
+        for stored, created in creation.result():
+            if created:
+                self._hand_over(stored)
 
     async def get(self, client_id: str, task_id: str) -> Task:
         _check_id(task_id)
@@ -242,6 +301,24 @@ class TaskManager:
                 last = event.sequence
                 if event.kind is EventKind.STATE and event.task.is_terminal:
                     return
+
+
+def check_batch_size(count: int) -> None:
+    """InvalidArgumentError on SubmitBatch's `tasks` unless it holds 1 to MAX_BATCH_TASKS."""
+    if count < 1:
+        raise InvalidArgumentError.single("tasks", "at least one task is required")
+    if count > MAX_BATCH_TASKS:
+        raise InvalidArgumentError.single(
+            "tasks",
+            f"at most {MAX_BATCH_TASKS} tasks in one batch, not {count}; split it into several",
+        )
+
+
+def _key_reused(spec: TaskSpec, stored: Task) -> AlreadyExistsError:
+    return AlreadyExistsError(
+        f"idempotency key {spec.idempotency_key!r} was used for a different task"
+        f" ({stored.id}); use a new key for a new task"
+    )
 
 
 def _check_id(task_id: str) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 
 from .auth import ANONYMOUS, Authenticator, Caller
-from .limits import ClientLimiter
+from .limits import ClientLimiter, Grant
 
 
 class Gate:
@@ -21,6 +21,11 @@ class Gate:
         caller = self.identify(context)
         await self.limiter.admit(caller.client_id)
         return caller
+
+    async def admit_more(self, caller: Caller, count: int) -> Grant:
+        """Up to `count` more tokens of the caller's limit, for a call admitted already that
+        costs one per item (SubmitBatch: one per task after the first)."""
+        return await self.limiter.admit_up_to(caller.client_id, count)
 
     def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
         """The caller, without taking from their limit (AdminService's calls)."""

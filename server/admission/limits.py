@@ -3,11 +3,15 @@ refused at once with the time after which one more would pass, never queued in t
 
 Buckets live only while they hold something: one that has drained is the same as a new
 one, so it is dropped. Memory then follows the clients active within a bucket's drain time
-(burst / rate), not every client ever seen."""
+(burst / rate), not every client ever seen.
+
+A call that costs one token per item (SubmitBatch: per task) takes what the bucket holds,
+up to what it wants (`admit_up_to`): its first items pass, the rest are refused."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from aiolimiter import AsyncLimiter
 
@@ -17,6 +21,15 @@ from server.model.errors import RateLimitedError
 # Drained buckets dropped per admitted call, at most: bounded work on the hot path, and
 # still faster than clients can arrive (each call adds at most one bucket).
 _EVICT_PER_CALL = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What `admit_up_to` let through: the first `taken` of the tokens asked for; the rest
+    are refused with `refusal` (None when none was)."""
+
+    taken: int
+    refusal: RateLimitedError | None = None
 
 
 class ClientLimiter:
@@ -37,11 +50,7 @@ class ClientLimiter:
         limit = self._limits.clients.get(client_id, self._limits.default)
         if limit is None:
             return
-        bucket = self._buckets.get(client_id)
-        if bucket is None:
-            bucket = self._buckets[client_id] = _bucket(limit)
-        else:
-            self._buckets.move_to_end(client_id)
+        bucket = self._bucket(client_id, limit)
         if not bucket.has_capacity():
             # The bucket is full to within one token, which leaks out in 1 / rate seconds
             # at most: an upper bound that a retry at that time meets.
@@ -53,6 +62,44 @@ class ClientLimiter:
         await bucket.acquire()  # has capacity: returns without waiting
         self._evict_drained()
 
+    async def admit_up_to(self, client_id: str, count: int) -> Grant:
+        """Takes as many of `count` tokens as `client_id`'s bucket holds, never waiting.
+
+        With rate 5 and burst 3, a full bucket and count 5: 3 are taken, and the other 2
+        are refused with a retry delay of 2 / 5 s, after which the bucket has room for them.
+        """
+        limit = self._limits.clients.get(client_id, self._limits.default)
+        if limit is None or count <= 0:
+            return Grant(max(count, 0))
+        bucket = self._bucket(client_id, limit)
+        taken = _room(bucket, count)
+        if taken:
+            await bucket.acquire(taken)  # has room: returns without waiting
+        self._evict_drained()
+        refused = count - taken
+        if not refused:
+            return Grant(taken)
+        # The bucket is full to within one token now: `refused` more leak out within
+        # refused / rate seconds, and never more than a burst fits at once.
+        return Grant(
+            taken,
+            RateLimitedError(
+                f"client {client_id!r} is over its limit of {limit.rate:g} calls per second"
+                f" (burst {limit.burst}), each task of a batch counting as one: {refused} of"
+                f" this batch's tasks were refused; submit them again after retry_delay",
+                min(refused, limit.burst) / limit.rate,
+            ),
+        )
+
+    def _bucket(self, client_id: str, limit: RateLimit) -> AsyncLimiter:
+        """The client's bucket, made on first use, now the most recently used."""
+        bucket = self._buckets.get(client_id)
+        if bucket is None:
+            bucket = self._buckets[client_id] = _bucket(limit)
+        else:
+            self._buckets.move_to_end(client_id)
+        return bucket
+
     def _evict_drained(self) -> None:
         for _ in range(_EVICT_PER_CALL):
             oldest = next(iter(self._buckets.items()), None)
@@ -60,6 +107,19 @@ class ClientLimiter:
             if oldest is None or not oldest[1].has_capacity(oldest[1].max_rate):
                 return
             del self._buckets[oldest[0]]
+
+
+def _room(bucket: AsyncLimiter, most: int) -> int:
+    """How many tokens, up to `most`, the bucket can give now: a binary search over
+    has_capacity (aiolimiter's only public view of its level), ten looks for a thousand."""
+    low, high = 0, most  # the bucket has room for `low` tokens, and none beyond `high`
+    while low < high:
+        middle = (low + high + 1) // 2
+        if bucket.has_capacity(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def _bucket(limit: RateLimit) -> AsyncLimiter:

@@ -15,14 +15,14 @@ from client._proto.taskring.v1 import tasks_pb2_grpc
 from server.admission.auth import Caller
 from server.admission.gate import Gate
 from server.events.hub import EventKind, TaskEvent
-from server.model.errors import TaskringError
-from server.model.task import Task
+from server.model.errors import InvalidArgumentError, TaskringError
+from server.model.task import Task, TaskSpec
 from server.observability import logs, tracing
 from server.observability.metrics import NO_METRICS, Metrics
-from server.tasks import TaskManager
+from server.tasks import BatchOutcome, TaskManager, check_batch_size
 
-from . import convert
-from .status import to_status
+from . import batch, convert
+from .status import code_of, to_status
 
 _log = logging.getLogger(__name__)
 Req = TypeVar("Req")
@@ -112,9 +112,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
             spec = convert.spec_from_pb(spec_pb)
             task, created = await self._tasks.submit(caller.client_id, spec)
         except Exception as exc:
-            asked = spec_pb.type or spec_pb.WhichOneof("input") or ""
-            code = to_status(exc).code if isinstance(exc, TaskringError) else None
-            self._metrics.submit_rejected(asked, code.name if code else "INTERNAL")
+            self._metrics.submit_rejected(_asked_type(spec_pb), _reason(exc))
             raise  # answered by the caller's status mapping
         self._metrics.submit_accepted(task.spec.type)
         tracing.annotate_current(task)  # the RPC's span names its task
@@ -138,6 +136,42 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         async with contextlib.aclosing(self._tasks.watch(caller.client_id, task.id, 0)) as events:
             async for event in events:
                 yield pb.SubmitAndStreamResponse(created=created, event=stream_response(event))
+
+    @_unary
+    async def SubmitBatch(
+        self, request: pb.SubmitBatchRequest, context: Context, caller: Caller
+    ) -> pb.SubmitBatchResponse:
+        asked = request.tasks
+        check_batch_size(len(asked))
+        # The gate took the call's token, which pays for the first task; each further task
+        # takes one more, and those the client's bucket has none for are refused.
+        grant = await self._gate.admit_more(caller, len(asked) - 1)
+        outcomes: list[BatchOutcome | None] = []
+        specs: list[TaskSpec] = []
+        for index, spec_pb in enumerate(asked):
+            if grant.refusal is not None and index > grant.taken:
+                outcomes.append(grant.refusal)
+                continue
+            try:
+                specs.append(convert.spec_from_pb(spec_pb))
+                outcomes.append(None)  # to be submitted
+            except InvalidArgumentError as exc:
+                outcomes.append(exc)
+        try:
+            submitted = iter(await self._tasks.submit_batch(caller.client_id, specs))
+        except Exception as exc:
+            for spec_pb in asked:
+                self._metrics.submit_rejected(_asked_type(spec_pb), _reason(exc))
+            raise  # answered by _unary's status mapping
+        results: list[pb.SubmitBatchResult] = []
+        for index, (spec_pb, refused) in enumerate(zip(asked, outcomes, strict=True)):
+            outcome = next(submitted) if refused is None else refused
+            if isinstance(outcome, TaskringError):
+                self._metrics.submit_rejected(_asked_type(spec_pb), _reason(outcome))
+            else:
+                self._metrics.submit_accepted(outcome[0].spec.type)
+            results.append(batch.result_to_pb(index, outcome))
+        return pb.SubmitBatchResponse(results=results)
 
     @_unary
     async def Get(self, request: pb.GetRequest, context: Context, caller: Caller) -> pb.GetResponse:
@@ -182,6 +216,16 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         async with contextlib.aclosing(watch) as events:
             async for event in events:
                 yield stream_response(event)
+
+
+def _asked_type(spec_pb: pb.TaskSpec) -> str:
+    """The task type a spec asks for, as the metrics count it (before validation)."""
+    return spec_pb.type or spec_pb.WhichOneof("input") or ""
+
+
+def _reason(error: Exception) -> str:
+    """A refusal's reason, as the metrics count it: its status code's name."""
+    return code_of(error).name if isinstance(error, TaskringError) else "INTERNAL"
 
 
 def stream_response(event: TaskEvent) -> pb.StreamResponse:

@@ -23,12 +23,15 @@ CODES: dict[type[errors.TaskringError], grpc.StatusCode] = {
 }
 
 
-def to_status(error: errors.TaskringError) -> grpc.Status:
-    code = grpc.StatusCode.INTERNAL
+def code_of(error: errors.TaskringError) -> grpc.StatusCode:
     for cls in type(error).__mro__:
         if cls in CODES:
-            code = CODES[cls]
-            break
+            return CODES[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def to_status(error: errors.TaskringError) -> grpc.Status:
+    code = code_of(error)
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=str(error))
     if isinstance(error, errors.InvalidArgumentError):
         detail = error_details_pb2.BadRequest(

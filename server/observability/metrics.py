@@ -85,10 +85,12 @@ class Metrics:
         """An execution ended: `error` is its TaskError code, None for a success."""
 
     def submit_accepted(self, task_type: str) -> None:
-        """A Submit was answered OK (a new task, or the replay of an idempotency key)."""
+        """A Submit (or a task of a SubmitBatch) was answered OK: a new task, or the
+        replay of an idempotency key."""
 
     def submit_rejected(self, task_type: str, reason: str) -> None:
-        """A Submit was refused: `task_type` as asked, `reason` the status code's name."""
+        """A Submit (or a task of a SubmitBatch) was refused: `task_type` as asked,
+        `reason` the status code's name."""
 
 
 NO_METRICS = Metrics()
@@ -178,14 +180,14 @@ class PrometheusMetrics(Metrics):
         )
         self._submits = Counter(
             "taskring_submit_requests_total",
-            f"Submit calls answered, by the task type asked for ({UNKNOWN_TYPE!r} when the"
-            " router runs no such type).",
+            f"Submit calls answered, and tasks of SubmitBatch calls, by the task type asked"
+            f" for ({UNKNOWN_TYPE!r} when the router runs no such type).",
             ("task_type",),
             registry=self.registry,
         )
         self._rejections = Counter(
             "taskring_submit_rejections_total",
-            "Submit calls refused, by gRPC status code name.",
+            "Submit calls refused, and tasks of SubmitBatch calls, by gRPC status code name.",
             ("reason",),
             registry=self.registry,
         )

@@ -94,6 +94,13 @@ class TaskStore(Protocol):
         client already submitted one with the same idempotency key."""
         ...
 
+    def create_batch(self, tasks: Sequence[Task]) -> Awaitable[list[tuple[Task, bool]]]:
+        """Stores new tasks in one transaction, all or none: one result per task, in order,
+        as `create` would give for each in turn. So an idempotency key already stored, or
+        used by an earlier task of the batch, gives (that task, False). Raises StoreError,
+        having stored nothing, when any write fails."""
+        ...
+
     async def get(self, task_id: str) -> Task | None: ...
 
     async def list_page(self, query: ListQuery) -> ListPage: ...

@@ -5,7 +5,8 @@ Why: with synchronous=FULL each COMMIT waits for the disk. Committing writes one
 would cap Submit at the disk's fsync rate; grouping lets throughput grow with load while
 every caller still gets its answer only after its write is durable. A write is at most one
 modifying statement, and SQLite undoes a failing statement alone (its statement journal)
-while the transaction goes on, so one failing write does not undo its group.
+while the transaction goes on, so one failing write does not undo its group; a write of
+several statements (a batch of tasks) wraps them in a savepoint of its own to be the same.
 
     loop thread:  submit(op) ─▶ queue ─▶ writer: BEGIN; op1; op2; … opN; COMMIT
                   futures ◀── resolved together, one wake-up of the loop per group

@@ -49,6 +49,11 @@ UPDATE = (
     f"UPDATE tasks SET {UPDATE_SET.format(*(f'${i}' for i in range(1, UPDATE_SET_COUNT + 1)))}"  # noqa: S608
     f" WHERE id=${UPDATE_SET_COUNT + 1} AND sequence=${UPDATE_SET_COUNT + 2}"
 )
+# The tasks a batch's idempotency keys name, given as two arrays: client ids and keys.
+KEYED = (
+    f"{SELECT} WHERE idempotency_key IS NOT NULL AND (client_id, idempotency_key) IN"  # noqa: S608
+    " (SELECT * FROM unnest($1::text[], $2::text[]))"
+)
 CLAIM = (
     f"{SELECT} WHERE state='QUEUED' AND not_before<=$1 AND type=ANY($2::text[])"
     " ORDER BY priority DESC, pk LIMIT $3 FOR UPDATE SKIP LOCKED"
@@ -264,6 +269,36 @@ class PostgresTaskStore:
         if existing is None:
             return task, True
         return from_row(existing), False
+
+    async def create_batch(self, tasks: Sequence[Task]) -> list[tuple[Task, bool]]:
+        """Inserts in order, each yielding to a stored key as `create` does (a key repeated
+        in the batch yields to its first task, inserted just before), then reads the rows
+        the keys name: a keyed task whose own row is there was created, else it replays
+        the task found. Two round trips however many tasks (executemany pipelines)."""
+        rows = [to_row(task, self.replica) for task in tasks]
+        keyed = [(task.client_id, task.spec.idempotency_key) for task in tasks]
+        keyed = [pair for pair in keyed if pair[1]]
+
+        async def write(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            await conn.executemany(INSERT, rows)
+            if not keyed:
+                return []
+            clients, keys = zip(*keyed, strict=True)
+            found: list[asyncpg.Record] = await conn.fetch(KEYED, list(clients), list(keys))
+            return found
+
+        # A write fails alone in its group (WriteBatches): none of this batch is stored.
+        with _errors("store the tasks"):
+            found = await self._writes.submit(write)
+        by_key = {(row["client_id"], row["idempotency_key"]): row for row in found}
+        results: list[tuple[Task, bool]] = []
+        for task in tasks:
+            row = by_key.get((task.client_id, task.spec.idempotency_key))
+            if row is None or row["id"] == task.id:
+                results.append((task, True))
+            else:
+                results.append((from_row(row), False))
+        return results
 
     async def get(self, task_id: str) -> Task | None:
         found = await self._tasks(f"{SELECT} WHERE id=$1", task_id)

@@ -226,17 +226,25 @@ class SqliteTaskStore:
 
     def create(self, task: Task) -> Awaitable[tuple[Task, bool]]:
         row = to_row(task, self.replica)
-        key = task.spec.idempotency_key
+        return self._writer.submit(lambda conn: _create(conn, task, row))
 
-        def write(conn: sqlite3.Connection) -> tuple[Task, bool]:
-            if key:
-                existing = conn.execute(
-                    f"{SELECT} WHERE client_id=? AND idempotency_key=?", (task.client_id, key)
-                ).fetchone()
-                if existing is not None:
-                    return from_row(existing), False
-            conn.execute(INSERT, row)
-            return task, True
+    def create_batch(self, tasks: Sequence[Task]) -> Awaitable[list[tuple[Task, bool]]]:
+        rows = [to_row(task, self.replica) for task in tasks]
+
+        def write(conn: sqlite3.Connection) -> list[tuple[Task, bool]]:
+            # One write of a group commit, but many statements: the savepoint takes back
+            # this batch's inserts if one fails, and leaves the group's other writes be.
+            conn.execute("SAVEPOINT batch")
+            try:
+                results = [_create(conn, task, row) for task, row in zip(tasks, rows, strict=True)]
+            except BaseException:
+                # Unless the error ended the whole transaction (then the group fails).
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK TO batch")
+                    conn.execute("RELEASE batch")
+                raise
+            conn.execute("RELEASE batch")
+            return results
 
         return self._writer.submit(write)
 
@@ -338,6 +346,19 @@ class SqliteTaskStore:
 
     def statistics(self) -> dict[str, int]:
         return {"commit_groups": self._writer.groups, "writes": self._writer.writes}
+
+
+def _create(conn: sqlite3.Connection, task: Task, row: tuple[Any, ...]) -> tuple[Task, bool]:
+    """Inserts `task` (as `row`), or finds the task its client's idempotency key names."""
+    key = task.spec.idempotency_key
+    if key:
+        existing = conn.execute(
+            f"{SELECT} WHERE client_id=? AND idempotency_key=?", (task.client_id, key)
+        ).fetchone()
+        if existing is not None:
+            return from_row(existing), False
+    conn.execute(INSERT, row)
+    return task, True
 
 
 # Per (type, backend, state, priority) of the tasks created in the window: a few dozen rows

@@ -63,6 +63,7 @@ def calls(task_id: str) -> list[tuple[str, object]]:
     return [
         ("Submit", pb.SubmitRequest(task=chat_spec())),
         ("SubmitAndStream", pb.SubmitAndStreamRequest(task=chat_spec())),
+        ("SubmitBatch", pb.SubmitBatchRequest(tasks=[chat_spec()])),
         ("Get", pb.GetRequest(task_id=task_id)),
         ("Cancel", pb.CancelRequest(task_id=task_id)),
         ("List", pb.ListRequest()),
@@ -127,6 +128,28 @@ async def test_another_clients_task_is_not_found_on_every_method(
     assert [t.id for t in alices.tasks] == [alice.id]
     mine = await stub.Get(pb.GetRequest(task_id=alice.id), metadata=bearer(ALICE_KEY))
     assert mine.task.id == alice.id
+
+
+async def test_a_batchs_tasks_are_its_clients_alone(
+    stub: tasks_pb2_grpc.TaskServiceAsyncStub,
+) -> None:
+    """Tasks Alice submits in a batch are hers: Bob cannot get or list them, and her
+    idempotency keys are not his (the same key makes him a task of his own)."""
+    batch = pb.SubmitBatchRequest(tasks=[chat_spec("one"), chat_spec("two", idempotency_key="k")])
+    alices = await stub.SubmitBatch(batch, metadata=bearer(ALICE_KEY))
+    ids = [result.task.id for result in alices.results]
+    assert all(result.created for result in alices.results)
+    assert {result.task.client_id for result in alices.results} == {"alice"}
+    for task_id in ids:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Get(pb.GetRequest(task_id=task_id), metadata=bearer(BOB_KEY))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert list((await stub.List(pb.ListRequest(), metadata=bearer(BOB_KEY))).tasks) == []
+    bobs = await stub.SubmitBatch(batch, metadata=bearer(BOB_KEY))
+    assert all(result.created for result in bobs.results)
+    assert not {result.task.id for result in bobs.results} & set(ids)
+    listed = await stub.List(pb.ListRequest(), metadata=bearer(ALICE_KEY))
+    assert sorted(task.id for task in listed.tasks) == sorted(ids)
 
 
 async def test_stats_are_the_callers_own_and_an_admins_are_everyones(

@@ -20,7 +20,7 @@ from grpc_status import rpc_status
 
 from client._proto.taskring.v1 import tasks_pb2 as pb
 from client._proto.taskring.v1 import tasks_pb2_grpc
-from server.admission.limits import ClientLimiter
+from server.admission.limits import ClientLimiter, Grant
 from server.app import App
 from server.config_file import ApiKey, FileConfig, Limits, RateLimit
 from server.model.errors import RateLimitedError
@@ -156,3 +156,57 @@ async def test_refusing_a_flood_leaves_no_work_for_the_garbage_collector(
         gc.enable()
     # Client and server share this process: both sides' cycles count.
     assert freed / 500 < 12, f"{freed / 500:.1f} objects in cycles per refused call"
+
+
+async def test_a_batch_over_the_limit_stores_the_tasks_that_fit(
+    stub: tasks_pb2_grpc.TaskServiceAsyncStub,
+) -> None:
+    """Each task of a SubmitBatch takes a token: with a burst of 3, a batch of 5 stores its
+    first 3 and refuses the other 2 one by one, saying when they would pass, and they do."""
+    specs = [chat_spec(f"task {i}") for i in range(5)]
+    response = await stub.SubmitBatch(
+        pb.SubmitBatchRequest(tasks=specs), metadata=bearer(NOISY_KEY)
+    )
+    results = list(response.results)
+    assert [r.created for r in results] == [True] * BURST + [False] * (5 - BURST)
+    refused = results[BURST:]
+    assert {r.error.code for r in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]}
+    assert "noisy" in refused[0].error.message
+    delay = refused[0].error.retry_delay.ToNanoseconds() / 1e9
+    assert 0 < delay <= len(refused) / RATE
+    await asyncio.sleep(delay)
+    again = await stub.SubmitBatch(
+        pb.SubmitBatchRequest(tasks=specs[BURST:]), metadata=bearer(NOISY_KEY)
+    )
+    assert [r.created for r in again.results] == [True] * len(refused)
+
+
+async def test_a_batch_with_no_token_left_is_refused_whole(
+    stub: tasks_pb2_grpc.TaskServiceAsyncStub,
+) -> None:
+    """The call's own token pays for its first task; with none left, the call is refused
+    as a whole with RetryInfo, like any other call."""
+    request = pb.SubmitBatchRequest(tasks=[chat_spec("a"), chat_spec("b")])
+    first = await stub.SubmitBatch(request, metadata=bearer(FLOOD_KEY))
+    assert [r.created for r in first.results] == [True, False]
+    assert first.results[1].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.SubmitBatch(request, metadata=bearer(FLOOD_KEY))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert retry_delay_s(caught.value) > 0
+
+
+async def test_admit_up_to_takes_what_the_bucket_holds() -> None:
+    """A full bucket of 3 gives 3 of 5 tokens and refuses 2 with the time they take to
+    leak; an empty one gives none; a client without a limit gets all it asks for."""
+    limiter = ClientLimiter(Limits(RateLimit(0.01, 3)))
+    grant = await limiter.admit_up_to("metered", 5)
+    assert grant.taken == 3
+    assert grant.refusal is not None
+    assert grant.refusal.retry_after_s == pytest.approx(2 / 0.01)
+    assert (await limiter.admit_up_to("metered", 1)).taken == 0
+    with pytest.raises(RateLimitedError):
+        await limiter.admit("metered")
+    unlimited = ClientLimiter(Limits(None))
+    assert await unlimited.admit_up_to("free", 1000) == Grant(1000)
+    assert await limiter.admit_up_to("other", 0) == Grant(0)

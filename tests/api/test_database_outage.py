@@ -69,8 +69,14 @@ async def test_readiness_follows_a_lost_database_and_work_resumes_when_it_is_bac
             await stub.Submit(pb.SubmitRequest(task=chat_spec("during")), timeout=40)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "store" in (refused.value.details() or "")
+        batch = pb.SubmitBatchRequest(tasks=[chat_spec("during 1"), chat_spec("during 2")])
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.SubmitBatch(batch, timeout=40)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
         await tcp.restore()
         await asyncio.wait_for(readiness_becomes(channel, SERVING), 10)
         after = (await stub.Submit(pb.SubmitRequest(task=chat_spec("after")))).task
         assert (await wait_terminal(stub, after.id)).state == pb.TASK_STATE_SUCCEEDED
+        listed = await stub.List(pb.ListRequest())
+        assert {task.id for task in listed.tasks} == {before.id, after.id}, "none of the batch"

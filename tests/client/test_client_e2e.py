@@ -12,10 +12,11 @@ import pytest
 
 from client import (
     AsyncTaskringClient,
+    BatchResult,
     TaskringClient,
     TaskState,
 )
-from client._client import task_of
+from client._client import chat_spec, conversation, embed_spec, task_of
 from client._errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from server.backends.base import BackendError, BackendEvent, OutputChunk
 from server.model.task import Task
@@ -73,6 +74,44 @@ async def test_sync_client_works_from_plain_code(server: Running) -> None:
     state, vector = await asyncio.to_thread(use_sync_client)
     assert state == TaskState.Value("TASK_STATE_SUCCEEDED")
     assert len(vector) == 64
+
+
+async def test_async_client_submits_a_batch_with_a_result_per_task(server: Running) -> None:
+    """submit_batch answers each task in order: the task, or the error it would have
+    raised alone, naming the task's field."""
+    specs = [
+        chat_spec(conversation("one")),
+        chat_spec(conversation("two"), model=""),
+        embed_spec("three", idempotency_key="k"),
+        embed_spec("three", idempotency_key="k"),
+    ]
+    async with AsyncTaskringClient(server.app.address) as client:
+        results = await client.submit_batch(specs)
+        assert [r.ok for r in results] == [True, False, True, True]
+        assert [r.created for r in results] == [True, False, True, False]
+        error = results[1].error
+        assert isinstance(error, InvalidArgumentError)
+        assert "tasks[1].chat.model" in dict(error.field_violations)
+        assert results[3].task == results[2].task, "the same key: the same task"
+        assert results[0].task is not None
+        final = await client.wait(results[0].task.id)
+        assert final.output.chat.text == "[local-echo] one"
+        with pytest.raises(InvalidArgumentError) as caught:
+            await client.submit_batch([])
+        assert "tasks" in dict(caught.value.field_violations)
+
+
+async def test_sync_client_submits_a_batch(server: Running) -> None:
+    def use_sync_client() -> list[BatchResult]:
+        with TaskringClient(server.app.address) as client:
+            return client.submit_batch([embed_spec("a"), embed_spec("b", max_attempts=-1)])
+
+    results = await asyncio.to_thread(use_sync_client)
+    assert results[0].created
+    assert results[0].task is not None
+    assert results[0].task.state == TaskState.Value("TASK_STATE_QUEUED")
+    assert isinstance(results[1].error, InvalidArgumentError)
+    assert "tasks[1].max_attempts" in dict(results[1].error.field_violations)
 
 
 @pytest.mark.slow

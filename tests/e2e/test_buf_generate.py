@@ -91,7 +91,7 @@ def test_generated_python_stubs_import_and_serve_every_rpc(generated: Path) -> N
     )
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout)
-    rpcs = ["Submit", "Get", "Cancel", "Stream", "SubmitAndStream", "List", "Stats"]
+    rpcs = ["Submit", "Get", "Cancel", "Stream", "SubmitAndStream", "SubmitBatch", "List", "Stats"]
     assert found["methods"] == found["stubs"] == rpcs
     assert found["wire"] == "0a01741003"  # field 1 "t", field 2 = 3
 

@@ -93,6 +93,21 @@ def test_grpcurl_bad_request_exits_with_invalid_argument(process: ServerProcess)
     assert "google.rpc.BadRequest" in result.stdout + result.stderr
 
 
+def test_grpcurl_submit_batch_answers_each_task(process: ServerProcess) -> None:
+    """The README's SubmitBatch: the call succeeds; the good task is stored, the bad one
+    is refused naming its own field."""
+    chat = {"model": "local-echo", "messages": [{"role": "user", "content": "hi"}]}
+    body = {"tasks": [{"chat": chat}, {"chat": {"model": "local-echo"}}]}
+    result = grpcurl(process.address, "taskring.v1.TaskService/SubmitBatch", data=json.dumps(body))
+    assert result.returncode == 0, result.stderr
+    good, bad = json.loads(result.stdout)["results"]
+    assert good["task"]["id"]
+    assert good["created"] is True
+    assert bad["error"]["code"] == 3
+    violations = bad["error"].get("fieldViolations", bad["error"].get("field_violations"))
+    assert violations[0]["field"] == "tasks[1].chat.messages"
+
+
 def _json_objects(text: str) -> list[str]:
     """grpcurl prints one pretty JSON object per message; split them."""
     decoder = json.JSONDecoder()

@@ -76,6 +76,8 @@ IA, NF, FP, AE = (
 DOCUMENTED: dict[str, frozenset[Code]] = {
     TASKS + "Submit": frozenset({IA, AE}),
     TASKS + "SubmitAndStream": frozenset({IA, AE}),
+    # As a whole; each task's own refusal (ITEM_CODES) is in the reply.
+    TASKS + "SubmitBatch": frozenset({IA}),
     TASKS + "Get": frozenset({IA, NF}),
     TASKS + "Cancel": frozenset({IA, NF, FP}),
     TASKS + "Stream": frozenset({IA, NF}),
@@ -88,9 +90,12 @@ DOCUMENTED: dict[str, frozenset[Code]] = {
     ADMIN + "RemoveBackend": frozenset({NF}),
 }
 STREAMING = frozenset({TASKS + "Stream", TASKS + "SubmitAndStream"})
+# What a SubmitBatch may answer for one of its tasks, as Submit would for that task alone.
+ITEM_CODES = frozenset({IA, AE})
 REQUEST_TYPES: dict[str, type[Message]] = {
     TASKS + "Submit": pb.SubmitRequest,
     TASKS + "SubmitAndStream": pb.SubmitAndStreamRequest,
+    TASKS + "SubmitBatch": pb.SubmitBatchRequest,
     TASKS + "Get": pb.GetRequest,
     TASKS + "Cancel": pb.CancelRequest,
     TASKS + "Stream": pb.StreamRequest,
@@ -600,6 +605,45 @@ async def submit_checked(fuzz: Fuzz, method: str, data: bytes) -> None:
         assert task.id in fuzz.accepted, "a replay answered a task no Submit created"
 
 
+async def submit_batch_checked(fuzz: Fuzz, specs: list[pb.TaskSpec]) -> None:
+    """SubmitBatch of `specs` (encoded by hand, as submit_request): refused whole, it
+    stores nothing; else each task's result is a task (one row more when created) or a
+    refusal Submit documents, whose violations name that task of the batch."""
+    data = b"".join(submit_request(spec) for spec in specs)  # field 1, repeated
+    before = fuzz.rows()
+    refused: Code | None = None
+    try:
+        (reply,) = await fuzz.call_raw(TASKS + "SubmitBatch", data)
+    except grpc.aio.AioRpcError as error:
+        check_error(TASKS + "SubmitBatch", data, error)
+        refused = error.code()
+    if refused is not None:
+        assert fuzz.rows() == before, "a refused SubmitBatch left a task behind"
+        # Only an empty batch is the call's fault; a bad task is refused in its result.
+        assert refused is not IA or not specs, "a bad task made the whole batch fail"
+        return
+    results = pb.SubmitBatchResponse.FromString(reply).results
+    assert len(results) == len(specs), "one result per task"
+    created = 0
+    for index, result in enumerate(results):
+        if result.HasField("error"):
+            code = next(c for c in Code if c.value[0] == result.error.code)
+            assert code in ITEM_CODES, f"task {index} refused {code.name}: {result.error.message}"
+            fields = [v.field for v in result.error.field_violations]
+            if code is IA:
+                assert fields, f"task {index}: INVALID_ARGUMENT without field violations"
+            assert all(f.startswith(f"tasks[{index}]") for f in fields), fields
+            continue
+        assert result.task.id
+        assert result.task.sequence >= 1
+        if result.created:
+            created += 1
+            fuzz.accepted.append(result.task.id)
+        else:
+            assert result.task.id in fuzz.accepted, "a replay answered a task nobody created"
+    assert fuzz.rows() == before + created, "SubmitBatch's created tasks and rows disagree"
+
+
 ECHO = pb.TaskSpec(
     chat=pb.ChatInput(model="local-echo", messages=[pb.ChatMessage(role="user", content="hi")])
 )
@@ -638,6 +682,19 @@ async def test_fuzzed_submits_answer_documented_codes_and_store_only_whole_tasks
         before = len(fuzz.accepted)
         await submit_checked(fuzz, TASKS + "Submit", request)
         assert len(fuzz.accepted) == before, "a replay with the same key created a task"
+    await assert_serving(fuzz)
+
+
+@FUZZ
+@given(specs=st.lists(task_specs(), max_size=4), again=st.booleans())
+async def test_fuzzed_batches_answer_per_task_and_store_only_whole_tasks(
+    fuzz: Fuzz, specs: list[pb.TaskSpec], again: bool
+) -> None:
+    """SubmitBatch of odd specs (none too): a result per task, each a stored task or its
+    own documented refusal; sent again, its keyed tasks replay."""
+    await submit_batch_checked(fuzz, specs)
+    if again:
+        await submit_batch_checked(fuzz, specs)
     await assert_serving(fuzz)
 
 
@@ -726,15 +783,17 @@ async def test_undecodable_requests_get_grpcs_own_error(
     if method in _SUBMITS and replies:
         if method == TASKS + "Submit":
             reply = pb.SubmitResponse.FromString(replies[0])
-            task, created = reply.task, reply.created
+            submitted = [(reply.task, reply.created)]
+        elif method == TASKS + "SubmitBatch":
+            results = pb.SubmitBatchResponse.FromString(replies[0]).results
+            submitted = [(r.task, r.created) for r in results if r.HasField("task")]
         else:
             first = pb.SubmitAndStreamResponse.FromString(replies[0])
-            task, created = first.event.snapshot, first.created
-        if created:
-            fuzz.accepted.append(task.id)
+            submitted = [(first.event.snapshot, first.created)]
+        fuzz.accepted += [task.id for task, created in submitted if created]
 
 
-_SUBMITS = frozenset({TASKS + "Submit", TASKS + "SubmitAndStream"})
+_SUBMITS = frozenset({TASKS + "Submit", TASKS + "SubmitAndStream", TASKS + "SubmitBatch"})
 
 
 async def test_requests_over_the_size_limit_get_resource_exhausted(fuzz: Fuzz) -> None:

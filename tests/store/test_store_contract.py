@@ -272,3 +272,97 @@ async def test_custom_output_round_trips(store: TaskStore) -> None:
     done = states.succeed(running, CustomOutput({"summary": "ok", "n": 3}), None, 2.0)
     await store.update(done, 2)
     assert await store.get(task.id) == done
+
+
+def keyed(n: int, key: str, **changes: object) -> Task:
+    return new_task(n, spec=replace(new_task(n).spec, idempotency_key=key), **changes)
+
+
+async def test_a_batch_is_stored_in_order_with_its_idempotency_replays(store: TaskStore) -> None:
+    """Each task of a batch fares as `create` would in turn: a key stored before, or used
+    earlier in the batch, gives back that task; the rest are stored in batch order."""
+    before = keyed(0, "old")
+    await store.create(before)
+    batch = [
+        new_task(1),
+        keyed(2, "old"),  # stored before the batch
+        keyed(3, "new"),
+        keyed(4, "new"),  # used by the task just before, in this batch
+        keyed(5, "new", client_id="client-b"),  # keys are per client
+    ]
+    results = await store.create_batch(batch)
+    assert results == [
+        (batch[0], True),
+        (before, False),
+        (batch[2], True),
+        (batch[2], False),
+        (batch[4], True),
+    ]
+    for task in (before, batch[0], batch[2], batch[4]):
+        assert await store.get(task.id) == task
+    assert await store.get(batch[1].id) is None
+    assert await store.get(batch[3].id) is None
+    page = await store.list_page(ListQuery(client_id="client-a"))
+    assert [t.id for t in page.tasks] == ["task-0003", "task-0001", "task-0000"], "newest first"
+
+
+async def test_a_batch_failing_midway_stores_none_of_its_tasks(store: TaskStore) -> None:
+    """The third task's id is taken (a bug, as a duplicate id always is): the write fails
+    after two inserts, and those two are undone with it."""
+    await store.create(new_task(7))
+    batch = [new_task(1), keyed(2, "k"), new_task(7), new_task(3)]
+    with pytest.raises(StoreError):
+        await store.create_batch(batch)
+    for task in batch:
+        if task.id != "task-0007":
+            assert await store.get(task.id) is None, task.id
+    # Nothing half-done holds the key or the store: the same tasks go in on their own.
+    assert await store.create_batch([new_task(1), keyed(2, "k")]) == [
+        (new_task(1), True),
+        (keyed(2, "k"), True),
+    ]
+
+
+@pytest.mark.sqlite_only  # group commit is the SQLite store's
+async def test_a_failing_batch_leaves_the_other_writes_of_its_group(store: SqliteTaskStore) -> None:
+    """A batch whose write fails midway shares a transaction with other writes: its own
+    inserts are undone (its savepoint), the others commit."""
+    await store.create(new_task(7))
+    taken, release = threading.Event(), threading.Event()
+
+    def hold(_: object) -> bool:
+        taken.set()
+        return release.wait(5)
+
+    held = store._writer.submit(hold)
+    await asyncio.to_thread(taken.wait, 5)
+    groups_before = store.statistics()["commit_groups"]
+    before = store.create(new_task(1))
+    failing = store.create_batch([new_task(2), new_task(7), new_task(3)])
+    after = store.create(new_task(4))
+    release.set()
+    await held
+    results = await asyncio.gather(before, failing, after, return_exceptions=True)
+    assert store.statistics()["commit_groups"] - groups_before == 2, "held group + one more"
+    assert isinstance(results[1], StoreError)
+    assert [results[0], results[2]] == [(new_task(1), True), (new_task(4), True)]
+    assert await store.get("task-0002") is None
+    assert await store.get("task-0003") is None
+    assert await store.get("task-0004") == new_task(4)
+
+
+@pytest.mark.postgresql_only
+async def test_a_failing_batch_fails_alone_in_its_group(store: TaskStore) -> None:
+    """A batch whose write fails midway, committed with other writes: it stores nothing,
+    they are stored."""
+    await store.create(new_task(7))
+    results = await asyncio.gather(
+        store.create(new_task(1)),
+        store.create_batch([new_task(2), new_task(7), new_task(3)]),
+        store.create(new_task(4)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], StoreError)
+    assert [results[0], results[2]] == [(new_task(1), True), (new_task(4), True)]
+    assert await store.get("task-0002") is None
+    assert await store.get("task-0004") == new_task(4)

@@ -763,6 +763,168 @@ class SubmitAndStreamResponse(_message.Message):
 Global___SubmitAndStreamResponse: _TypeAlias = SubmitAndStreamResponse  # noqa: Y015
 
 @_typing.final
+class SubmitBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskSpec]:
+        """The tasks to submit, at least 1 and at most 1,000. Each may carry its own idempotency
+        key: a key used before (by Submit or an earlier batch) returns that task with
+        created=false, and a key repeated within the batch behaves as if the tasks had been
+        submitted one after the other.
+        """
+
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[Global___TaskSpec] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitBatchRequest: _TypeAlias = SubmitBatchRequest  # noqa: Y015
+
+@_typing.final
+class SubmitBatchResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitBatchResult]:
+        """One per task of the request, in the same order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SubmitBatchResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitBatchResponse: _TypeAlias = SubmitBatchResponse  # noqa: Y015
+
+@_typing.final
+class SubmitBatchResult(_message.Message):
+    """SubmitBatchResult is what became of one task of a SubmitBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """As SubmitResponse.created: false when an earlier Submit, batch or task of this batch
+    with the same idempotency key created `task`; false when the task was refused.
+    """
+    @_builtins.property
+    def task(self) -> Global___Task:
+        """The task as stored, without its spec: that is the one sent with the server's defaults
+        applied (Get returns it). Left out so that a reply stays as small as its request.
+        """
+
+    @_builtins.property
+    def error(self) -> Global___BatchItemError:
+        """Why this task was refused; nothing of it was stored."""
+
+    def __init__(
+        self,
+        *,
+        task: Global___Task | None = ...,
+        error: Global___BatchItemError | None = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "result", b"result", "task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "error", b"error", "result", b"result", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["task", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___SubmitBatchResult: _TypeAlias = SubmitBatchResult  # noqa: Y015
+
+@_typing.final
+class BatchItemError(_message.Message):
+    """BatchItemError is the error a Submit of this one task would have answered, with the
+    google.rpc details inline (a batch's reply is not an error status to carry them).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    FIELD_VIOLATIONS_FIELD_NUMBER: _builtins.int
+    RETRY_DELAY_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code (google.rpc.Code): 3 INVALID_ARGUMENT, 6 ALREADY_EXISTS (the
+    idempotency key was used for a different task), 8 RESOURCE_EXHAUSTED (over the client's
+    rate limit).
+    """
+    message: _builtins.str
+    """What went wrong, for people."""
+    @_builtins.property
+    def field_violations(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldViolation]:
+        """For INVALID_ARGUMENT: each field to fix, named from the request, e.g.
+        `tasks[3].chat.messages`.
+        """
+
+    @_builtins.property
+    def retry_delay(self) -> _duration_pb2.Duration:
+        """For RESOURCE_EXHAUSTED: the wait after which the client's limit has room for the tasks
+        it refused (or for as many as its burst, when they are more).
+        """
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        field_violations: _abc.Iterable[Global___FieldViolation] | None = ...,
+        retry_delay: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retry_delay", b"retry_delay"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field_violations", b"field_violations", "message", b"message", "retry_delay", b"retry_delay"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchItemError: _TypeAlias = BatchItemError  # noqa: Y015
+
+@_typing.final
+class FieldViolation(_message.Message):
+    """FieldViolation names one field of a request and what to change in it, as
+    google.rpc.BadRequest.FieldViolation does.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    field: _builtins.str
+    """The field's path from the request message, e.g. `tasks[0].chat.model`."""
+    description: _builtins.str
+    def __init__(
+        self,
+        *,
+        field: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "field", b"field"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FieldViolation: _TypeAlias = FieldViolation  # noqa: Y015
+
+@_typing.final
 class StreamRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

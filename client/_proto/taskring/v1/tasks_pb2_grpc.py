@@ -66,6 +66,11 @@ class TaskServiceStub:
                 request_serializer=taskring_dot_v1_dot_tasks__pb2.SubmitAndStreamRequest.SerializeToString,
                 response_deserializer=taskring_dot_v1_dot_tasks__pb2.SubmitAndStreamResponse.FromString,
                 _registered_method=True)
+        self.SubmitBatch = channel.unary_unary(
+                '/taskring.v1.TaskService/SubmitBatch',
+                request_serializer=taskring_dot_v1_dot_tasks__pb2.SubmitBatchRequest.SerializeToString,
+                response_deserializer=taskring_dot_v1_dot_tasks__pb2.SubmitBatchResponse.FromString,
+                _registered_method=True)
         self.List = channel.unary_unary(
                 '/taskring.v1.TaskService/List',
                 request_serializer=taskring_dot_v1_dot_tasks__pb2.ListRequest.SerializeToString,
@@ -129,6 +134,25 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitBatch(self, request, context):
+        """SubmitBatch submits up to 1,000 tasks in one call. Each task is checked on its own, as
+        Submit checks its task, and the reply holds one result per task in request order: the
+        task as stored, or why that task was refused (SubmitBatchResult.error). The tasks
+        accepted are committed together in one transaction before the reply, all or none: if
+        the store fails, none is stored and the call fails UNAVAILABLE. They are stored QUEUED
+        and run in priority order like any others.
+
+        The call itself fails only as a whole: INVALID_ARGUMENT (google.rpc.BadRequest on
+        `tasks`) for no task or more than 1,000, UNAVAILABLE while the server shuts down,
+        UNAUTHENTICATED, and RESOURCE_EXHAUSTED when the client's rate limit has no token left
+        for the call. Each task costs one token, in request order: the call's own token pays
+        for the first, and tasks beyond what the client's bucket holds are refused one by one
+        with RESOURCE_EXHAUSTED and a retry_delay (the call still succeeds).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def List(self, request, context):
         """List returns the caller's tasks, newest first, filtered by state and type.
         """
@@ -172,6 +196,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.SubmitAndStream,
                     request_deserializer=taskring_dot_v1_dot_tasks__pb2.SubmitAndStreamRequest.FromString,
                     response_serializer=taskring_dot_v1_dot_tasks__pb2.SubmitAndStreamResponse.SerializeToString,
+            ),
+            'SubmitBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitBatch,
+                    request_deserializer=taskring_dot_v1_dot_tasks__pb2.SubmitBatchRequest.FromString,
+                    response_serializer=taskring_dot_v1_dot_tasks__pb2.SubmitBatchResponse.SerializeToString,
             ),
             'List': grpc.unary_unary_rpc_method_handler(
                     servicer.List,
@@ -326,6 +355,33 @@ class TaskService:
             '/taskring.v1.TaskService/SubmitAndStream',
             taskring_dot_v1_dot_tasks__pb2.SubmitAndStreamRequest.SerializeToString,
             taskring_dot_v1_dot_tasks__pb2.SubmitAndStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskring.v1.TaskService/SubmitBatch',
+            taskring_dot_v1_dot_tasks__pb2.SubmitBatchRequest.SerializeToString,
+            taskring_dot_v1_dot_tasks__pb2.SubmitBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,21 @@ class TaskServiceStub:
     reply is); then every event as Stream sends them, ending after the terminal state. If
     the call breaks, resume with Stream from the last sequence received.
     """
+    SubmitBatch: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.SubmitBatchRequest, _tasks_pb2.SubmitBatchResponse]
+    """SubmitBatch submits up to 1,000 tasks in one call. Each task is checked on its own, as
+    Submit checks its task, and the reply holds one result per task in request order: the
+    task as stored, or why that task was refused (SubmitBatchResult.error). The tasks
+    accepted are committed together in one transaction before the reply, all or none: if
+    the store fails, none is stored and the call fails UNAVAILABLE. They are stored QUEUED
+    and run in priority order like any others.
+
+    The call itself fails only as a whole: INVALID_ARGUMENT (google.rpc.BadRequest on
+    `tasks`) for no task or more than 1,000, UNAVAILABLE while the server shuts down,
+    UNAUTHENTICATED, and RESOURCE_EXHAUSTED when the client's rate limit has no token left
+    for the call. Each task costs one token, in request order: the call's own token pays
+    for the first, and tasks beyond what the client's bucket holds are refused one by one
+    with RESOURCE_EXHAUSTED and a retry_delay (the call still succeeds).
+    """
     List: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ListRequest, _tasks_pb2.ListResponse]
     """List returns the caller's tasks, newest first, filtered by state and type."""
     Stats: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.StatsRequest, _tasks_pb2.StatsResponse]
@@ -97,6 +112,21 @@ class TaskServiceAsyncStub(TaskServiceStub):
     message is the task's snapshot, sent once the task is durably committed (as Submit's
     reply is); then every event as Stream sends them, ending after the terminal state. If
     the call breaks, resume with Stream from the last sequence received.
+    """
+    SubmitBatch: _aio.UnaryUnaryMultiCallable[_tasks_pb2.SubmitBatchRequest, _tasks_pb2.SubmitBatchResponse]  # type: ignore[assignment]
+    """SubmitBatch submits up to 1,000 tasks in one call. Each task is checked on its own, as
+    Submit checks its task, and the reply holds one result per task in request order: the
+    task as stored, or why that task was refused (SubmitBatchResult.error). The tasks
+    accepted are committed together in one transaction before the reply, all or none: if
+    the store fails, none is stored and the call fails UNAVAILABLE. They are stored QUEUED
+    and run in priority order like any others.
+
+    The call itself fails only as a whole: INVALID_ARGUMENT (google.rpc.BadRequest on
+    `tasks`) for no task or more than 1,000, UNAVAILABLE while the server shuts down,
+    UNAUTHENTICATED, and RESOURCE_EXHAUSTED when the client's rate limit has no token left
+    for the call. Each task costs one token, in request order: the call's own token pays
+    for the first, and tasks beyond what the client's bucket holds are refused one by one
+    with RESOURCE_EXHAUSTED and a retry_delay (the call still succeeds).
     """
     List: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ListRequest, _tasks_pb2.ListResponse]  # type: ignore[assignment]
     """List returns the caller's tasks, newest first, filtered by state and type."""
@@ -163,6 +193,27 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         message is the task's snapshot, sent once the task is durably committed (as Submit's
         reply is); then every event as Stream sends them, ending after the terminal state. If
         the call breaks, resume with Stream from the last sequence received.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitBatch(
+        self,
+        request: _tasks_pb2.SubmitBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.SubmitBatchResponse, _abc.Awaitable[_tasks_pb2.SubmitBatchResponse]]:
+        """SubmitBatch submits up to 1,000 tasks in one call. Each task is checked on its own, as
+        Submit checks its task, and the reply holds one result per task in request order: the
+        task as stored, or why that task was refused (SubmitBatchResult.error). The tasks
+        accepted are committed together in one transaction before the reply, all or none: if
+        the store fails, none is stored and the call fails UNAVAILABLE. They are stored QUEUED
+        and run in priority order like any others.
+
+        The call itself fails only as a whole: INVALID_ARGUMENT (google.rpc.BadRequest on
+        `tasks`) for no task or more than 1,000, UNAVAILABLE while the server shuts down,
+        UNAUTHENTICATED, and RESOURCE_EXHAUSTED when the client's rate limit has no token left
+        for the call. Each task costs one token, in request order: the call's own token pays
+        for the first, and tasks beyond what the client's bucket holds are refused one by one
+        with RESOURCE_EXHAUSTED and a retry_delay (the call still succeeds).
         """
 
     @_abc_1.abstractmethod
