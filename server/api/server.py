@@ -3,6 +3,8 @@ and reflection."""
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -28,10 +30,32 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
+class _ClientWentAway(logging.Filter):
+    """Demotes grpc's ERROR, with traceback, for a streaming call whose client went away
+    while a message to it was being sent ("ExecuteBatchError raised in core by servicer
+    method"): a watcher closing its Stream is not the server's error, and a hundred of them
+    leaving at once would bury real errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.getMessage().startswith(
+            "ExecuteBatchError raised in core"
+        ):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info = record.exc_text = None
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+_CLIENT_WENT_AWAY = _ClientWentAway()
+
+
 def new_server(tracing: Tracing | None = None) -> grpc.aio.Server:
     """A grpc.aio server with the options every taskring process (router, executor) uses;
     with `tracing`, a span per RPC it samples (without, no interceptor: nothing to pay per
     call)."""
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    if _CLIENT_WENT_AWAY not in grpc_log.filters:
+        grpc_log.addFilter(_CLIENT_WENT_AWAY)
     return grpc.aio.server(
         interceptors=[ServerTracing(tracing)] if tracing is not None else None,
         options=[
