@@ -81,6 +81,8 @@ class _Attempt:
     stored: asyncio.Future[bool] | None = None
     # The context of the attempt's span (its task's Submit span); None when tracing is off.
     trace_parent: Context | None = None
+    # The write of the output delta last published, while it may still be committing.
+    output_write: asyncio.Future[bool] | None = None
 
 
 class Dispatcher:
@@ -345,6 +347,7 @@ class Dispatcher:
             async with deadline:
                 await self._execute(attempt, backend)
         except TimeoutError as exc:
+            await _output_settled(attempt)
             if attempt.task.is_terminal:
                 return None  # it finished just as the deadline struck
             # A remote call's own deadline is the task's and may fire first.
@@ -358,6 +361,7 @@ class Dispatcher:
             self.members.failed(attempt.backend, exc)
             return self._after_failure(attempt.task, exc.error)
         except asyncio.CancelledError:
+            await _output_settled(attempt)
             if attempt.task.is_terminal:
                 return None  # it finished while the stop was on its way
             if attempt.stop_reason is StopReason.SUPERSEDED:
@@ -475,8 +479,11 @@ class Dispatcher:
             attempt.task = event.task
 
         await _until_stored(attempt)
-        if not await self._recorder.record_output(event, attempt.task.sequence, saved):
+        write = self._recorder.record_output(event, attempt.task.sequence, saved)
+        attempt.output_write = write
+        if not await asyncio.shield(write):
             raise _Superseded
+        attempt.output_write = None
 
     async def _fail_deadline(self, task: Task) -> None:
         if self._spans is not None:
@@ -557,6 +564,19 @@ class Dispatcher:
             "started": self.started,
             "finished": dict(self.finished),
         }
+
+
+async def _output_settled(attempt: _Attempt) -> None:
+    """Waits for the output write the attempt was cut off in (a Cancel, a deadline). Its
+    delta has reached watchers, so the change that ends the attempt must come after it:
+    computed from the sequence that write stores, and not committed before it. (On
+    PostgreSQL two writes of one task could otherwise commit out of order: the ending
+    first, the delta then refused, and watchers left holding a number the ending reused.)"""
+    write, attempt.output_write = attempt.output_write, None
+    if write is not None:
+        # Its failure, if any, is the store's: the ending's own write meets it.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(write)
 
 
 async def _until_stored(attempt: _Attempt) -> None:

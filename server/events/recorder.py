@@ -49,7 +49,9 @@ class ChangeRecorder:
     def record_output(
         self, event: TaskEvent, expected_sequence: int, on_saved: OnSaved | None = None
     ) -> asyncio.Future[bool]:
-        """Publishes an output delta at once, then stores it like `record`.
+        """Publishes an output delta at once, then stores it like `record`. Returns the
+        write itself: a caller that may be cancelled awaits it through asyncio.shield, and
+        keeps it, so that whatever it records next waits for it (see below).
 
         A token reaches its watchers without waiting for a commit (on this machine the
         commit was half of the latency the router added to the first token). What a watcher
@@ -61,7 +63,7 @@ class ChangeRecorder:
         self._hub.publish(event)
         write = asyncio.ensure_future(self._store.update(event.task, expected_sequence))
         write.add_done_callback(functools.partial(self._saved, event, on_saved))
-        return asyncio.shield(write)
+        return write
 
     @staticmethod
     def _saved(event: TaskEvent, on_saved: OnSaved | None, write: asyncio.Future[bool]) -> None:

@@ -17,7 +17,7 @@ from server.backends.base import BackendError, BackendEvent, Completed, OutputCh
 from server.backends.local import Handler, LocalBackend, LocalModelSettings, builtin_handlers
 from server.dispatch.dispatcher import DispatchSettings
 from server.dispatch.retry import RetryPolicies, RetryPolicy
-from server.model.task import CustomInput, CustomOutput, Task
+from server.model.task import CustomInput, CustomOutput, Task, TaskState
 from tests.conftest import Running, StartServer, chat_spec, local_backends, submit, wait_terminal
 
 
@@ -415,3 +415,44 @@ async def test_submit_whose_write_fails_leaves_no_work_running(
     assert final.state == pb.TASK_STATE_SUCCEEDED
     listed = await server.stub.List(pb.ListRequest())
     assert [t.id for t in listed.tasks] == [after.id] == ran
+
+
+async def test_cancel_while_an_output_write_commits_still_ends_every_watch(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An output delta reaches watchers before its write commits. A Cancel that lands in
+    that window must end the task after the delta (a later sequence, committed after it):
+    watchers have seen the delta's number, and would otherwise never see the end."""
+    gate = Gate()
+    server = await start_server(local_backends(extra={"gate": gate}))
+    store = server.app.store
+    real_update = store.update
+
+    async def slow_output_write(task: Task, expected_sequence: int) -> bool:
+        if task.state is TaskState.RUNNING and task.output is not None:
+            await asyncio.sleep(0.3)  # the delta's commit is slow; the Cancel's is not
+        return await real_update(task, expected_sequence)
+
+    monkeypatch.setattr(store, "update", slow_output_write)
+    task = await submit(server.stub, custom_spec("gate"))
+    watch = server.stub.Stream(pb.StreamRequest(task_id=task.id))
+    seen = 0  # the sequence of the delta: its own event, or a snapshot that holds it
+    async for event in watch:
+        if event.HasField("output_delta") or event.snapshot.output.chat.text:
+            seen = event.sequence
+            break
+    assert seen
+    cancelled = (await server.stub.Cancel(pb.CancelRequest(task_id=task.id))).task
+    assert cancelled.state == pb.TASK_STATE_CANCELLED
+    assert cancelled.sequence > seen
+    rest = await asyncio.wait_for(_drain(watch), 5)
+    assert rest[-1].state_changed.task.state == pb.TASK_STATE_CANCELLED
+    assert rest[-1].sequence == cancelled.sequence
+    stored = (await server.stub.Get(pb.GetRequest(task_id=task.id))).task
+    assert (stored.state, stored.sequence) == (pb.TASK_STATE_CANCELLED, cancelled.sequence)
+
+
+async def _drain(
+    call: grpc.aio.UnaryStreamCall[pb.StreamRequest, pb.StreamResponse],
+) -> list[pb.StreamResponse]:
+    return [event async for event in call]
