@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from types import TracebackType
 
 from grpc_health.v1 import health
@@ -113,7 +114,8 @@ class App:
             recorder,
             members,
             self.clock,
-            dispatch or DispatchSettings(),
+            # Aging is the file's ([priorities] aging_s), whoever sets the rest.
+            replace(dispatch or DispatchSettings(), aging_s=settings.file.aging_s),
             metrics=self.metrics,
             spans=None if tracing is None else TaskSpans(tracing.tracer),
         )
