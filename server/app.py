@@ -17,6 +17,7 @@ from opentelemetry.trace import TracerProvider
 from .admission.auth import Authenticator
 from .admission.gate import Gate
 from .admission.limits import ClientLimiter
+from .admission.priorities import PriorityCaps
 from .api.admin import AdminServicer
 from .api.server import LIVENESS_SERVICE, NOT_SERVING, READINESS_SERVICE, SERVING, build_server
 from .api.servicer import TaskServicer
@@ -129,6 +130,7 @@ class App:
             settings.tasks,
             lambda: self.dispatcher.task_types,
             self.task_types,
+            priority_caps=PriorityCaps(settings.file.limits),
         )
         self.health = health.aio.HealthServicer()
         self.gate = Gate(Authenticator(settings.file.api_keys), ClientLimiter(settings.file.limits))

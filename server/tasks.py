@@ -8,9 +8,11 @@ import binascii
 import functools
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence, Set
 
+from .admission.priorities import PriorityCaps
 from .admission.validate import reportable, validate_spec
 from .clock import Clock
 from .config import TaskLimits
+from .config_file import Limits
 from .dispatch.dispatcher import Dispatcher
 from .events.hub import EventHub, EventKind, TaskEvent
 from .events.recorder import ChangeRecorder
@@ -49,6 +51,7 @@ class TaskManager:
         known_types: Callable[[], Set[str]],
         custom_types: Mapping[str, TaskType] | None = None,
         new_id: Callable[[], str] | None = None,
+        priority_caps: PriorityCaps | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
@@ -60,6 +63,7 @@ class TaskManager:
         self._known_types = known_types
         self._custom_types = custom_types or {}
         self._new_id = new_id or UuidV7Factory()
+        self._priority_caps = priority_caps or PriorityCaps(Limits())
         self._accepting = True
 
     def stop_accepting(self) -> None:
@@ -70,6 +74,7 @@ class TaskManager:
         if not self._accepting:
             raise UnavailableError("the server is shutting down; submit to another replica")
         spec = validate_spec(spec, self._limits, self._known_types(), self._custom_types)
+        spec = self._priority_caps.apply(client_id, spec)
         now = self._clock.now()
         task = Task(
             id=self._new_id(),
