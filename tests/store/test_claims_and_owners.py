@@ -149,9 +149,7 @@ async def test_aged_claims_of_two_replicas_never_take_the_same_task(
     one, two = open_(), open_()
     await asyncio.gather(one.start(), two.start())
     priorities = list(Priority)
-    await asyncio.gather(
-        *(one.create(aged(n, priorities[n % 4], 1000.0 + n)) for n in range(200))
-    )
+    await asyncio.gather(*(one.create(aged(n, priorities[n % 4], 1000.0 + n)) for n in range(200)))
     claims = await asyncio.gather(
         *(
             store.claim(10, 1150.0, {"chat"}, starter(name), aging_s=60.0)

@@ -260,5 +260,5 @@ max_priority = 3
         "limits.clients.'b'.max_priority: 3 is not a priority",
     ):
         assert problem in text
-    with pytest.raises(ConfigError, match="priorities.aging_s: -5"):
+    with pytest.raises(ConfigError, match=r"priorities\.aging_s: -5"):
         Settings.from_env({"TASKRING_CONFIG": str(path)})
