@@ -61,11 +61,13 @@ def _ready(columns: str, untried: str = "") -> str:
 
 
 READY = _ready(f"pk, {COLUMNS}")
-# A claim's candidates, unlocked: only what ranking needs, and not those it tried ($4).
-CANDIDATES = _ready("pk, priority, created_at", " AND pk<>ALL($4::bigint[])")
+# A claim's candidates, unlocked: only what ranking needs, and not those it tried ($4). By
+# id, not pk: asyncpg looks up an integer array type on each new connection's first use
+# (~10 ms, enough to hold up a router's first claim), never a text array.
+CANDIDATES = _ready("id, priority, created_at", " AND id<>ALL($4::text[])")
 # Locks the chosen candidates still ready, skipping those another replica's claim holds.
 LOCK_READY = (
-    f"{SELECT} WHERE pk=ANY($1::bigint[]) AND state='QUEUED' AND not_before<=$2"
+    f"{SELECT} WHERE id=ANY($1::text[]) AND state='QUEUED' AND not_before<=$2"
     " FOR UPDATE SKIP LOCKED"
 )
 # Live: renewed within the lease. An owner with no row (deleted long dead) is not live.
@@ -151,7 +153,7 @@ async def _lock_best(
     next best tried, until `limit` are locked or no ready task is left untried.
     """
     locked: list[asyncpg.Record] = []
-    tried: list[int] = []
+    tried: list[str] = []
     while len(locked) < limit:
         candidates = await conn.fetch(CANDIDATES, now, types, limit, tried)
         if not candidates:
