@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from types import TracebackType
 
 from grpc_health.v1 import health
@@ -16,6 +17,7 @@ from opentelemetry.trace import TracerProvider
 from .admission.auth import Authenticator
 from .admission.gate import Gate
 from .admission.limits import ClientLimiter
+from .admission.priorities import PriorityCaps
 from .api.admin import AdminServicer
 from .api.server import LIVENESS_SERVICE, NOT_SERVING, READINESS_SERVICE, SERVING, build_server
 from .api.servicer import TaskServicer
@@ -113,7 +115,11 @@ class App:
             recorder,
             members,
             self.clock,
-            dispatch or DispatchSettings(retry=settings.file.retry),
+            # Aging is the file's ([priorities] aging_s), whoever sets the rest.
+            replace(
+                dispatch or DispatchSettings(retry=settings.file.retry),
+                aging_s=settings.file.aging_s,
+            ),
             metrics=self.metrics,
             spans=None if tracing is None else TaskSpans(tracing.tracer),
         )
@@ -128,6 +134,7 @@ class App:
             self.dispatcher.retry,
             lambda: self.dispatcher.task_types,
             self.task_types,
+            priority_caps=PriorityCaps(settings.file.limits),
         )
         self.health = health.aio.HealthServicer()
         self.gate = Gate(Authenticator(settings.file.api_keys), ClientLimiter(settings.file.limits))

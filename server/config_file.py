@@ -1,5 +1,6 @@
-"""The configuration file (TOML, named by TASKRING_CONFIG): ring members, routing, prices
-and custom task types. Everything else is set through TASKRING_* environment variables.
+"""The configuration file (TOML, named by TASKRING_CONFIG): ring members, routing, prices,
+custom task types, API keys, limits and priorities. Everything else is set through
+TASKRING_* environment variables.
 
     [routing]
     load_factor = 1.25            # bounded loads: no member above 1.25x its fair share
@@ -34,9 +35,14 @@ and custom task types. Everything else is set through TASKRING_* environment var
     [limits]                      # per client: every TaskService call takes one token
     rate = 50                     # tokens added per second
     burst = 100                   # the bucket's size
-    [limits.clients."team-a"]     # a client's own rate and burst instead
+    max_priority = "URGENT"       # the highest priority a task gets; above it is lowered
+    [limits.clients."team-a"]     # a client's own rate and burst, or cap, instead
     rate = 200
     burst = 400
+    max_priority = "HIGH"
+
+    [priorities]
+    aging_s = 60                  # a queued task rises one priority level per 60 s; 0: never
 
     [retry]                       # every task type: retryable failures only
     max_attempts = 3              # of a task that asks for none (TASKRING_DEFAULT_MAX_ATTEMPTS)
@@ -60,6 +66,8 @@ from pathlib import Path
 from typing import Any
 
 from server.dispatch.retry import DEFAULT_MAX_ATTEMPTS, MAX_ATTEMPTS, RetryPolicies, RetryPolicy
+from server.model.aging import DEFAULT_AGING_S
+from server.model.task import Priority
 
 LOCAL, REMOTE, OPENAI, ANTHROPIC = "local", "remote", "openai", "anthropic"
 KINDS = (LOCAL, REMOTE, OPENAI, ANTHROPIC)
@@ -111,10 +119,17 @@ class RateLimit:
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Admission limits per client: `default` for every client (None: unlimited) unless
-    `clients` names the client."""
+    `clients` names the client; likewise the priority cap, `max_priority` unless
+    `client_max_priority` names the client."""
 
     default: RateLimit | None = None
     clients: Mapping[str, RateLimit] = field(default_factory=dict)
+    max_priority: Priority = Priority.URGENT
+    client_max_priority: Mapping[str, Priority] = field(default_factory=dict)
+
+    def max_priority_of(self, client_id: str) -> Priority:
+        """The highest priority `client_id`'s tasks may have."""
+        return self.client_max_priority.get(client_id, self.max_priority)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +139,8 @@ class FileConfig:
     prices: Mapping[str, ModelPrice] = field(default_factory=dict)
     api_keys: tuple[ApiKey, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    # [priorities] aging_s: seconds of waiting per priority level gained (0: no aging).
+    aging_s: float = DEFAULT_AGING_S
     # Raw [task_types.<name>] tables; server.tasktypes checks and loads them.
     task_types: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     retry: RetryPolicies = field(default_factory=RetryPolicies)
@@ -166,6 +183,7 @@ def read_file_config(
         prices=_prices(raw.get("prices", {}), problems),
         api_keys=_api_keys(raw.get("api_keys", []), problems),
         limits=_limits(raw.get("limits", {}), problems),
+        aging_s=_aging_s(raw.get("priorities", {}), problems),
         task_types=task_types,
         retry=_retry(raw.get("retry", {}), default_max_attempts, served, problems),
         base_dir=path.resolve().parent,
@@ -174,7 +192,7 @@ def read_file_config(
 
 
 _SECTIONS = frozenset(
-    {"routing", "backends", "prices", "task_types", "api_keys", "limits", "retry"}
+    {"routing", "backends", "prices", "task_types", "api_keys", "limits", "retry", "priorities"}
 )
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -216,23 +234,53 @@ def _limits(raw: object, problems: _Problems) -> Limits:
     if not problems.check(isinstance(raw, dict), "limits", "must be a table"):
         return Limits()
     assert isinstance(raw, dict)
-    default = _rate_limit({k: v for k, v in raw.items() if k != "clients"}, "limits", problems)
+    default, max_priority = _limit_table(
+        {k: v for k, v in raw.items() if k != "clients"}, "limits", problems
+    )
     clients: dict[str, RateLimit] = {}
+    client_max_priority: dict[str, Priority] = {}
     for client, entry in _tables(raw.get("clients", {}), "limits.clients", problems).items():
-        limit = _rate_limit(entry, f"limits.clients.{client!r}", problems)
+        # What a client's table leaves out is the [limits] value: a table that only caps
+        # the priority keeps the common rate.
+        limit, cap = _limit_table(entry, f"limits.clients.{client!r}", problems)
         if limit is not None:
             clients[client] = limit
-    return Limits(default, clients)
+        if cap is not None:
+            client_max_priority[client] = cap
+    return Limits(default, clients, max_priority or Priority.URGENT, client_max_priority)
+
+
+def _limit_table(
+    entry: Mapping[str, Any], where: str, problems: _Problems
+) -> tuple[RateLimit | None, Priority | None]:
+    problems.check(
+        not (unknown := set(entry) - {"rate", "burst", "max_priority"}),
+        where,
+        f"unknown keys {sorted(unknown)}; expected rate, burst, max_priority",
+    )
+    return _rate_limit(entry, where, problems), _max_priority(entry, where, problems)
+
+
+_PRIORITY_NAMES = ", ".join(p.name for p in Priority)
+
+
+def _max_priority(entry: Mapping[str, Any], where: str, problems: _Problems) -> Priority | None:
+    value = entry.get("max_priority")
+    if value is None:
+        return None
+    name = value.upper() if isinstance(value, str) else None
+    if not problems.check(
+        name in Priority.__members__,
+        f"{where}.max_priority",
+        f"{value!r} is not a priority; expected one of {_PRIORITY_NAMES}",
+    ):
+        return None
+    return Priority[str(name)]
 
 
 def _rate_limit(entry: Mapping[str, Any], where: str, problems: _Problems) -> RateLimit | None:
-    if not entry:
+    if "rate" not in entry and "burst" not in entry:
         return None
-    problems.check(
-        not (unknown := set(entry) - {"rate", "burst"}),
-        where,
-        f"unknown keys {sorted(unknown)}; expected rate, burst",
-    )
     rate, burst = entry.get("rate"), entry.get("burst")
     ok = problems.check(
         isinstance(rate, int | float) and not isinstance(rate, bool) and 0 < rate <= 1e6,
@@ -308,6 +356,32 @@ def _retry_policy(
     except ValueError as exc:  # the keys disagree: max_backoff_s below initial_backoff_s, say
         problems.append(f"{where}: {exc}")
         return inherited
+
+
+def _aging_s(raw: object, problems: _Problems) -> float:
+    if not problems.check(isinstance(raw, dict), "priorities", "must be a table"):
+        return DEFAULT_AGING_S
+    assert isinstance(raw, dict)
+    problems.check(
+        not (unknown := set(raw) - {"aging_s"}),
+        "priorities",
+        f"unknown keys {sorted(unknown)}; expected aging_s",
+    )
+    value = raw.get("aging_s", DEFAULT_AGING_S)
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+    if not problems.check(
+        ok,
+        "priorities.aging_s",
+        f"{value!r} is not a number of seconds >= 0 (60: a LOW task competes as URGENT"
+        " after 3 minutes; 0 turns aging off)",
+    ):
+        return DEFAULT_AGING_S
+    return float(value)
 
 
 def _load_factor(routing: object, problems: _Problems) -> float:

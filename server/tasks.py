@@ -9,9 +9,11 @@ import functools
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence, Set
 from dataclasses import replace
 
+from .admission.priorities import PriorityCaps
 from .admission.validate import reportable, validate_spec
 from .clock import Clock
 from .config import TaskLimits
+from .config_file import Limits
 from .dispatch.dispatcher import Dispatcher
 from .dispatch.retry import RetryPolicies
 from .events.hub import EventHub, EventKind, TaskEvent
@@ -59,6 +61,7 @@ class TaskManager:
         known_types: Callable[[], Set[str]],
         custom_types: Mapping[str, TaskType] | None = None,
         new_id: Callable[[], str] | None = None,
+        priority_caps: PriorityCaps | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
@@ -71,6 +74,7 @@ class TaskManager:
         self._known_types = known_types
         self._custom_types = custom_types or {}
         self._new_id = new_id or UuidV7Factory()
+        self._priority_caps = priority_caps or PriorityCaps(Limits())
         self._accepting = True
 
     def stop_accepting(self) -> None:
@@ -80,7 +84,7 @@ class TaskManager:
     async def submit(self, client_id: str, spec: TaskSpec) -> tuple[Task, bool]:
         if not self._accepting:
             raise UnavailableError("the server is shutting down; submit to another replica")
-        spec = self._validated(spec)
+        spec = self._validated(client_id, spec)
         now = self._clock.now()
         task = Task(
             id=self._new_id(),
@@ -102,11 +106,13 @@ class TaskManager:
             raise _key_reused(spec, stored)
         return stored, created
 
-    def _validated(self, spec: TaskSpec) -> TaskSpec:
-        """`spec` checked (InvalidArgumentError naming each problem), with its defaults."""
+    def _validated(self, client_id: str, spec: TaskSpec) -> TaskSpec:
+        """`spec` checked (InvalidArgumentError naming each problem), with its defaults and
+        its priority within the client's cap."""
         if not spec.max_attempts:  # the task type's retry policy says how many
             spec = replace(spec, max_attempts=self._retry.for_type(spec.type).max_attempts)
-        return validate_spec(spec, self._limits, self._known_types(), self._custom_types)
+        spec = validate_spec(spec, self._limits, self._known_types(), self._custom_types)
+        return self._priority_caps.apply(client_id, spec)
 
     def _settle(
         self, task: Task, started: Task | None, creation: asyncio.Future[tuple[Task, bool]]
@@ -144,7 +150,7 @@ class TaskManager:
         now = self._clock.now()
         for index, asked in enumerate(specs):
             try:
-                spec = self._validated(asked)
+                spec = self._validated(client_id, asked)
             except InvalidArgumentError as exc:
                 outcomes[index] = exc
                 continue

@@ -22,6 +22,7 @@ from server.clock import Clock
 from server.events.hub import EventKind, TaskEvent
 from server.events.recorder import ChangeRecorder
 from server.model import states
+from server.model.aging import DEFAULT_AGING_S
 from server.model.errors import StoreError
 from server.model.task import Task, TaskError, TaskState
 from server.observability import logs
@@ -47,6 +48,9 @@ class DispatchSettings:
     orphan_check_interval_s: float = 2.0
     # App passes the configured ones ([retry] in TASKRING_CONFIG).
     retry: RetryPolicies = field(default_factory=RetryPolicies)
+    # A queued task's priority rises one level per this many seconds waited (see
+    # server/model/aging.py); 0 turns aging off. `[priorities] aging_s` of the file.
+    aging_s: float = DEFAULT_AGING_S
 
 
 class StopReason(enum.Enum):
@@ -274,7 +278,9 @@ class Dispatcher:
         # Only types some backend has room for: tasks waiting for a full backend must not
         # hide the ready tasks of other types behind them.
         try:
-            claimed = await self._store.claim(free, now, self.members.types_with_room(), start)
+            claimed = await self._store.claim(
+                free, now, self.members.types_with_room(), start, aging_s=self._settings.aging_s
+            )
         except BaseException:
             for task in planned:
                 self.members.release(task.backend)

@@ -123,15 +123,21 @@ class TaskStore(Protocol):
         first, in one write; returns the ids of those deleted."""
         ...
 
-    async def queued(self, limit: int, now: float, types: Set[str]) -> list[Task]:
-        """QUEUED tasks of `types` ready to run (not_before <= now), highest priority first,
-        then oldest."""
+    async def queued(
+        self, limit: int, now: float, types: Set[str], *, aging_s: float = 0.0
+    ) -> list[Task]:
+        """The first `limit` QUEUED tasks of `types` ready to run (not_before <= now) in
+        dispatch order (server/model/aging.py `rank`): highest effective priority first,
+        priorities rising one level per `aging_s` seconds waited (0: no aging), then oldest.
+        Reads at most `limit` tasks of each priority, never the whole queue."""
         ...
 
-    async def claim(self, limit: int, now: float, types: Set[str], start: Starter) -> Claimed:
+    async def claim(
+        self, limit: int, now: float, types: Set[str], start: Starter, *, aging_s: float = 0.0
+    ) -> Claimed:
         """Claims up to `limit` of the ready tasks `queued` would return, passing each to
-        `start` and storing the starts it plans. No task is claimed by two dispatchers,
-        even of different processes sharing the store."""
+        `start` in that order and storing the starts it plans. No task is claimed by two
+        dispatchers, even of different processes sharing the store."""
         ...
 
     async def orphaned(self, limit: int) -> list[Task]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 
+from server.model.aging import dispatch_order
 from server.model.errors import StoreError
 from server.model.stats import TaskStats
 from server.model.task import Priority, Task, TaskState
@@ -33,6 +34,7 @@ from .rows import (
     UPDATE_SET,
     UPDATE_SET_COUNT,
     from_row,
+    in_dispatch_order,
     to_row,
     update_params,
 )
@@ -54,9 +56,27 @@ KEYED = (
     f"{SELECT} WHERE idempotency_key IS NOT NULL AND (client_id, idempotency_key) IN"  # noqa: S608
     " (SELECT * FROM unnest($1::text[], $2::text[]))"
 )
-CLAIM = (
-    f"{SELECT} WHERE state='QUEUED' AND not_before<=$1 AND type=ANY($2::text[])"
-    " ORDER BY priority DESC, pk LIMIT $3 FOR UPDATE SKIP LOCKED"
+
+
+def _ready(columns: str, untried: str = "") -> str:
+    """Up to $3 ready tasks ($1 now, $2 types) of each priority, oldest first: one range
+    scan of tasks_queue per priority, never the whole queue (see model/aging.py)."""
+    level = (
+        f"(SELECT {columns} FROM tasks WHERE state='QUEUED' AND priority={{}}"  # noqa: S608 - constants only
+        f" AND not_before<=$1 AND type=ANY($2::text[]){untried} ORDER BY pk LIMIT $3)"
+    )
+    return " UNION ALL ".join(level.format(int(p)) for p in reversed(Priority))
+
+
+READY = _ready(f"pk, {COLUMNS}")
+# A claim's candidates, unlocked: only what ranking needs, and not those it tried ($4). By
+# id, not pk: asyncpg looks up an integer array type on each new connection's first use
+# (~10 ms, enough to hold up a router's first claim), never a text array.
+CANDIDATES = _ready("id, priority, created_at", " AND id<>ALL($4::text[])")
+# Locks the chosen candidates still ready, skipping those another replica's claim holds.
+LOCK_READY = (
+    f"{SELECT} WHERE id=ANY($1::text[]) AND state='QUEUED' AND not_before<=$2"
+    " FOR UPDATE SKIP LOCKED"
 )
 # Live: renewed within the lease. An owner with no row (deleted long dead) is not live.
 ORPHANED = (
@@ -128,6 +148,31 @@ async def _create_schema(conn: asyncpg.Connection) -> str:
 
 def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
+
+
+async def _lock_best(
+    conn: asyncpg.Connection, limit: int, now: float, types: list[str], aging_s: float
+) -> list[asyncpg.Record]:
+    """Locks up to `limit` of the best ready tasks no other claim holds, and returns them.
+
+    Ranks the unlocked candidates first, then locks only those it takes: locking every
+    candidate (4 x limit) would hide the rest from other replicas' claims, which could then
+    come back short with work waiting. Candidates another claim holds are skipped, and the
+    next best tried, until `limit` are locked or no ready task is left untried.
+    """
+    locked: list[asyncpg.Record] = []
+    tried: list[str] = []
+    while len(locked) < limit:
+        candidates = await conn.fetch(CANDIDATES, now, types, limit, tried)
+        if not candidates:
+            break
+        candidates.sort(key=lambda r: dispatch_order(r[1], r[2], now, aging_s))
+        ranked = [row[0] for row in candidates]
+        while ranked and len(locked) < limit:
+            batch, ranked = ranked[: limit - len(locked)], ranked[limit - len(locked) :]
+            tried += batch
+            locked += await conn.fetch(LOCK_READY, batch, now)
+    return locked
 
 
 class _Params:
@@ -362,24 +407,26 @@ class PostgresTaskStore:
             rows = await self._pool_or_fail().fetch(DELETE_FINISHED, ended_before, limit)
         return [row[0] for row in rows]
 
-    async def queued(self, limit: int, now: float, types: Set[str]) -> list[Task]:
-        if not types:
+    async def queued(
+        self, limit: int, now: float, types: Set[str], *, aging_s: float = 0.0
+    ) -> list[Task]:
+        if not types or limit <= 0:
             return []
-        sql = (
-            f"{SELECT} WHERE state='QUEUED' AND not_before<=$1 AND type=ANY($2::text[])"
-            " ORDER BY priority DESC, pk LIMIT $3"
-        )
-        return await self._tasks(sql, now, sorted(types), limit)
+        with _errors("read"):
+            rows = await self._pool_or_fail().fetch(READY, now, sorted(types), limit)
+        return in_dispatch_order(rows, now, aging_s, limit)
 
-    async def claim(self, limit: int, now: float, types: Set[str], start: Starter) -> Claimed:
+    async def claim(
+        self, limit: int, now: float, types: Set[str], start: Starter, *, aging_s: float = 0.0
+    ) -> Claimed:
         """Locks the ready rows no other replica has locked, writes the starts `start`
         plans and commits: the rows it skips are being claimed elsewhere."""
-        if not types:
+        if not types or limit <= 0:
             return Claimed(examined=0, started=[])
         with _errors("claim tasks"):
             async with self._acquire() as conn, conn.transaction():
-                rows = await conn.fetch(CLAIM, now, sorted(types), limit)
-                candidates = [from_row(r) for r in rows]
+                rows = await _lock_best(conn, limit, now, sorted(types), aging_s)
+                candidates = in_dispatch_order(rows, now, aging_s, limit)
                 plans = [(t, started) for t in candidates if (started := start(t)) is not None]
                 if plans:
                     await conn.executemany(

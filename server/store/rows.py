@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from server.model.aging import dispatch_order
 from server.model.task import Task, TaskState
 
 from . import codec
@@ -76,6 +77,19 @@ def update_params(task: Task, expected_sequence: int, replica: str) -> tuple[Any
         task.id,
         expected_sequence,
     )
+
+
+# Where a row (as SELECT reads it: pk first, then COLUMNS) holds what ranking needs.
+_PRIORITY, _CREATED_AT = 5, 13
+
+
+def in_dispatch_order(rows: Iterable[Any], now: float, aging_s: float, limit: int) -> list[Task]:
+    """The first `limit` of `rows` in dispatch order (model/aging.py), as tasks. Ranking needs
+    only two columns: the rows not taken are never decoded."""
+    ranked = sorted(
+        rows, key=lambda row: dispatch_order(row[_PRIORITY], row[_CREATED_AT], now, aging_s)
+    )
+    return [from_row(row) for row in ranked[:limit]]
 
 
 def from_row(row: Iterable[Any]) -> Task:

@@ -25,6 +25,7 @@ from .rows import (
     UPDATE_SET,
     UPDATE_SET_COUNT,
     from_row,
+    in_dispatch_order,
     to_row,
     update_params,
 )
@@ -286,27 +287,33 @@ class SqliteTaskStore:
         params = update_params(task, expected_sequence, self.replica)
         return self._writer.submit(lambda c: c.execute(UPDATE, params).rowcount == 1)
 
-    async def queued(self, limit: int, now: float, types: Set[str]) -> list[Task]:
-        if not types:
+    async def queued(
+        self, limit: int, now: float, types: Set[str], *, aging_s: float = 0.0
+    ) -> list[Task]:
+        if not types or limit <= 0:
             return []
-        marks = ",".join("?" * len(types))
-        sql = (
-            f"{SELECT} WHERE state='QUEUED' AND not_before<=? AND type IN ({marks})"
-            " ORDER BY priority DESC, pk LIMIT ?"
+        # Up to `limit` of each priority, oldest first (see model/aging.py): one range scan of
+        # tasks_queue per priority, however long the queue.
+        level = (
+            f"SELECT * FROM ({SELECT} WHERE state='QUEUED' AND priority={{}} AND not_before<=?"  # noqa: S608 - constants and placeholders only
+            f" AND type IN ({','.join('?' * len(types))}) ORDER BY pk LIMIT ?)"
         )
-        params = [now, *sorted(types), limit]
+        sql = " UNION ALL ".join(level.format(int(p)) for p in reversed(Priority))
+        params = [now, *sorted(types), limit] * len(Priority)
         rows = await self._read(lambda c: c.execute(sql, params).fetchall())
-        return [from_row(r) for r in rows]
+        return in_dispatch_order(rows, now, aging_s, limit)
 
     async def orphaned(self, limit: int) -> list[Task]:
         sql = f"{SELECT} WHERE state='RUNNING' AND (owner IS NULL OR owner!=?) ORDER BY pk LIMIT ?"
         rows = await self._read(lambda c: c.execute(sql, (self.replica, limit)).fetchall())
         return [from_row(r) for r in rows]
 
-    async def claim(self, limit: int, now: float, types: Set[str], start: Starter) -> Claimed:
+    async def claim(
+        self, limit: int, now: float, types: Set[str], start: Starter, *, aging_s: float = 0.0
+    ) -> Claimed:
         """Reads the ready tasks, then writes each start `start` plans with the optimistic
         check: this process is the file's only writer, so no lock is needed."""
-        candidates = await self.queued(limit, now, types)
+        candidates = await self.queued(limit, now, types, aging_s=aging_s)
         plans = [(task, started) for task in candidates if (started := start(task)) is not None]
         # Sent together: one group commit for the whole batch.
         results = await asyncio.gather(

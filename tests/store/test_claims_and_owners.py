@@ -59,6 +59,49 @@ async def test_claim_starts_ready_tasks_by_priority_and_leaves_what_start_refuse
     assert [t.id for t in left] == ["task-0002", "task-0003"]
 
 
+def aged(n: int, priority: Priority, created_at: float, task_type: str = "chat") -> Task:
+    """Task n of `priority` and type, created at `created_at` (its wait starts there)."""
+    spec = replace(new_task(n).spec, priority=priority, type=task_type)
+    return new_task(n, spec=spec, created_at=created_at)
+
+
+async def test_claim_takes_a_low_task_that_waited_three_aging_periods_before_newer_urgent_ones(
+    open_: Opener,
+) -> None:
+    """With aging_s 60, LOW tasks that waited 180 s compete as URGENT and, older, go first,
+    however many newer URGENT tasks wait (more than the claim's limit here); a ready task of
+    a type not asked for is left alone, however old."""
+    store = open_()
+    await store.start()
+    await store.create(aged(0, Priority.LOW, 1000.0, task_type="embed"))
+    for n in (1, 2):
+        await store.create(aged(n, Priority.LOW, 1000.0 + n))
+    for n in range(3, 8):
+        await store.create(aged(n, Priority.URGENT, 1100.0 + n))
+    await store.create(aged(8, Priority.HIGH, 1100.0))
+    now = 1182.0  # task 1 waited 181 s, task 2 180 s, the URGENT ones ~80 s
+
+    claimed = await store.claim(3, now, {"chat"}, starter(), aging_s=60.0)
+
+    # task-0008 (HIGH, waited 82 s) is URGENT too, and older than the native URGENT ones.
+    assert [t.id for t in claimed.started] == ["task-0001", "task-0002", "task-0008"]
+    left = await store.queued(10, now, {"chat"}, aging_s=60.0)
+    assert [t.id for t in left] == ["task-0003", "task-0004", "task-0005", "task-0006", "task-0007"]
+
+
+async def test_claim_without_aging_keeps_priority_order_however_long_tasks_wait(
+    open_: Opener,
+) -> None:
+    """aging_s 0: URGENT > HIGH > NORMAL > LOW, oldest first within each."""
+    store = open_()
+    await store.start()
+    for n, priority in [(1, Priority.LOW), (2, Priority.HIGH), (3, Priority.URGENT)]:
+        await store.create(aged(n, priority, 1000.0 + n))
+    await store.create(aged(4, Priority.HIGH, 1004.0))
+    claimed = await store.claim(3, 1e6, {"chat"}, starter(), aging_s=0.0)
+    assert [t.id for t in claimed.started] == ["task-0003", "task-0002", "task-0004"]
+
+
 async def test_running_tasks_of_a_store_closed_without_requeueing_are_orphans(
     open_: Opener,
 ) -> None:
@@ -87,6 +130,29 @@ async def test_claims_of_two_replicas_at_once_never_take_the_same_task(open_: Op
     claims = await asyncio.gather(
         *(
             store.claim(10, 10.0, {"chat"}, starter(name))
+            for _ in range(12)
+            for name, store in [("one", one), ("two", two)]
+        )
+    )
+    ids = [task.id for claimed in claims for task in claimed.started]
+    assert len(ids) == len(set(ids)) == 200
+    backends = {task.backend for claimed in claims for task in claimed.started}
+    assert backends == {"one", "two"}, "both replicas claimed some"
+
+
+@pytest.mark.postgresql_only
+async def test_aged_claims_of_two_replicas_never_take_the_same_task(
+    open_: Opener,
+) -> None:
+    """Each replica's claim locks the rows it reads at every priority (FOR UPDATE SKIP
+    LOCKED): with aging mixing the priorities, still no task is claimed twice."""
+    one, two = open_(), open_()
+    await asyncio.gather(one.start(), two.start())
+    priorities = list(Priority)
+    await asyncio.gather(*(one.create(aged(n, priorities[n % 4], 1000.0 + n)) for n in range(200)))
+    claims = await asyncio.gather(
+        *(
+            store.claim(10, 1150.0, {"chat"}, starter(name), aging_s=60.0)
             for _ in range(12)
             for name, store in [("one", one), ("two", two)]
         )

@@ -9,6 +9,7 @@ import pytest
 from server.config import ConfigError, Settings
 from server.config_file import ApiKey, BackendSpec, Limits, ModelPrice, RateLimit, read_file_config
 from server.dispatch.retry import RetryPolicies, RetryPolicy
+from server.model.task import Priority
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -253,3 +254,72 @@ factor = 0.5
         "retry.types.chta: factor must be at least 1",
     ):
         assert place in text, text
+
+
+def test_priority_aging_and_caps_are_read(tmp_path: Path) -> None:
+    """A client's table that only caps the priority keeps the common rate limit."""
+    config, problems = read_file_config(
+        write(
+            tmp_path,
+            """
+[priorities]
+aging_s = 30
+
+[limits]
+rate = 10
+burst = 20
+max_priority = "high"
+[limits.clients."batch"]
+max_priority = "LOW"
+[limits.clients."ops"]
+rate = 100
+burst = 100
+max_priority = "URGENT"
+""",
+        )
+    )
+    assert problems == []
+    assert config.aging_s == 30.0
+    assert config.limits == Limits(
+        RateLimit(10.0, 20),
+        {"ops": RateLimit(100.0, 100)},
+        Priority.HIGH,
+        {"batch": Priority.LOW, "ops": Priority.URGENT},
+    )
+    assert config.limits.max_priority_of("batch") is Priority.LOW
+    assert config.limits.max_priority_of("anyone") is Priority.HIGH
+
+
+def test_without_priorities_tasks_age_every_minute_and_nobody_is_capped(tmp_path: Path) -> None:
+    config, problems = read_file_config(write(tmp_path, "[limits]\nrate = 1\nburst = 1\n"))
+    assert problems == []
+    assert config.aging_s == 60.0
+    assert config.limits.max_priority_of("anyone") is Priority.URGENT
+
+
+def test_bad_aging_and_caps_are_named_with_their_value(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[priorities]
+aging_s = -5
+aging = 60
+
+[limits]
+max_priority = "CRITICAL"
+[limits.clients."b"]
+max_priority = 3
+""",
+    )
+    _, problems = read_file_config(path)
+    text = "\n".join(problems)
+    for problem in (
+        "priorities: unknown keys ['aging']",
+        "priorities.aging_s: -5 is not a number of seconds >= 0",
+        "limits.max_priority: 'CRITICAL' is not a priority; expected one of LOW, NORMAL, HIGH,"
+        " URGENT",
+        "limits.clients.'b'.max_priority: 3 is not a priority",
+    ):
+        assert problem in text
+    with pytest.raises(ConfigError, match=r"priorities\.aging_s: -5"):
+        Settings.from_env({"TASKRING_CONFIG": str(path)})

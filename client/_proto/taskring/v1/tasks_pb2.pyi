@@ -74,7 +74,11 @@ class _PriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Priority.Val
     PRIORITY_URGENT: _Priority.ValueType  # 4
 
 class Priority(_Priority, metaclass=_PriorityEnumTypeWrapper):
-    """Priority orders dispatch: URGENT before HIGH before NORMAL before LOW."""
+    """Priority orders dispatch: URGENT before HIGH before NORMAL before LOW, the oldest first
+    within each. A queued task competes one level higher per aging period it has waited
+    (the server's `[priorities] aging_s`), and a priority above the client's cap
+    (`max_priority`) is stored as the cap.
+    """
 
 PRIORITY_UNSPECIFIED: Priority.ValueType  # 0
 """Treated as PRIORITY_NORMAL."""
