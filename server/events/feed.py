@@ -12,7 +12,8 @@ land faster than a row is read arrive as one, as for a slow watcher. Output is n
 lost (the delta is the text the watcher has not seen yet), and states arrive in order.
 
 The end of a task that holds some of its client's quotas here (admitted through this
-replica, run by another) is read too, for the usage that corrects its charge (TaskEnds).
+replica, ended by another) is read too, watched or not, for the usage that corrects its
+charge (TaskEnds).
 """
 
 from __future__ import annotations
@@ -65,19 +66,23 @@ class ChangeFeed:
 
     def on_change(self, change: Change) -> None:
         self._dispatcher.changed_elsewhere(change.task_id, change.sequence)
-        ends = self._ends
-        if change.state.is_terminal and ends is not None and ends.holds(change.task_id):
-            settle = asyncio.create_task(self._settle(ends, change.task_id), name="feed:settle")
-            self._settling.add(settle)
-            settle.add_done_callback(self._settling.discard)
         if change.state is TaskState.QUEUED:
             self._dispatcher.wake()
+        refreshing = False
         if self._hub.watched(change.task_id):
             latest = self._hub.latest(change.task_id)
             if latest is None or change.sequence > latest.sequence:
-                self._refresh(change.task_id)
+                self._refresh(change.task_id)  # which tells `ends` too
+                refreshing = True
         else:
             self._hub.drop(change.task_id)
+        ends = self._ends
+        if ends is None or refreshing or not change.state.is_terminal:
+            return
+        if ends.holds(change.task_id):
+            settle = asyncio.create_task(self._settle(ends, change.task_id), name="feed:settle")
+            self._settling.add(settle)
+            settle.add_done_callback(self._settling.discard)
 
     def on_gap(self) -> None:
         """Changes may have been missed: every watched task is read again, every other copy
@@ -108,6 +113,10 @@ class ChangeFeed:
                     _log.warning("could not read task %s after a change: %s", task_id, exc)
                     return
                 if current is not None:
+                    # Before its watchers hear of the end, as on the replica that stored it.
+                    ends = self._ends
+                    if current.is_terminal and ends is not None and ends.holds(task_id):
+                        ends.ended(current)
                     for event in events_between(self._hub.latest(task_id), current):
                         self._hub.publish(event)
                 if task_id not in self._read_again:
