@@ -12,6 +12,9 @@ Submits cannot all pass a check that none of them has counted yet. It is given b
 - as charged, when an end is known but not how it went (`ended_unread`), or when the
   task is GRACE_S past its deadline with no end seen (a change feed that was cut while
   the task ended on another replica).
+A Submit repeating an idempotency key is checked as a new task (that it is a replay shows
+only in the write): a client at its cap, or out of budget, gets its replay once it has
+room again, like the rate limit's refusals.
 
 Per replica: the holds live in this process's memory, one small record per unfinished
 task it admitted. With several replicas on PostgreSQL each one enforces the budget and
