@@ -18,6 +18,7 @@ from .admission.auth import Authenticator
 from .admission.gate import Gate
 from .admission.limits import ClientLimiter
 from .admission.priorities import PriorityCaps
+from .admission.quotas import TaskQuotas
 from .api.admin import AdminServicer
 from .api.server import LIVENESS_SERVICE, NOT_SERVING, READINESS_SERVICE, SERVING, build_server
 from .api.servicer import TaskServicer
@@ -102,7 +103,9 @@ class App:
             else None
         )
         self.metrics: Metrics = prometheus or NO_METRICS
-        recorder = ChangeRecorder(self.store, self.hub)
+        # Token budgets and queued caps, held from admission until each task ends.
+        self.quotas = TaskQuotas(settings.file.limits, self.clock)
+        recorder = ChangeRecorder(self.store, self.hub, on_end=self.quotas.ended)
         weights = {spec.name: spec.weight for spec in settings.file.backends}
         members = Members(
             [(backend, weights.get(name, 1)) for name, backend in self.backends.items()],
@@ -123,7 +126,7 @@ class App:
             metrics=self.metrics,
             spans=None if tracing is None else TaskSpans(tracing.tracer),
         )
-        self.feed = ChangeFeed(self.store, self.hub, self.dispatcher)
+        self.feed = ChangeFeed(self.store, self.hub, self.dispatcher, self.quotas)
         self.tasks = TaskManager(
             self.store,
             self.hub,
@@ -135,6 +138,7 @@ class App:
             lambda: self.dispatcher.task_types,
             self.task_types,
             priority_caps=PriorityCaps(settings.file.limits),
+            quotas=self.quotas,
         )
         self.health = health.aio.HealthServicer()
         self.gate = Gate(Authenticator(settings.file.api_keys), ClientLimiter(settings.file.limits))
@@ -176,6 +180,9 @@ class App:
             await self.metrics_endpoint.start()
             self.metrics_port = self.metrics_endpoint.port
         await self.store.start()
+        if self.quotas.counts_tasks:
+            # Before the dispatcher ends any of them (orphans on their last attempt).
+            self.quotas.seed(await self.store.unfinished())
         self.feed.start()
         await self.dispatcher.start()
         self.dispatcher.members.start()

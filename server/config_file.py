@@ -36,10 +36,14 @@ TASKRING_* environment variables.
     rate = 50                     # tokens added per second
     burst = 100                   # the bucket's size
     max_priority = "URGENT"       # the highest priority a task gets; above it is lowered
-    [limits.clients."team-a"]     # a client's own rate and burst, or cap, instead
-    rate = 200
+    tokens_per_minute = 100000    # model tokens: a budget charged at Submit (admission/budget.py)
+    max_queued = 1000             # unfinished (QUEUED or RUNNING) tasks at most
+    default_max_tokens = 1024     # charged for a chat task that sets no max_tokens
+    [limits.clients."team-a"]     # a client's own rate and burst, cap, budget instead; what
+    rate = 200                    #   it leaves out comes from [limits]
     burst = 400
     max_priority = "HIGH"
+    tokens_per_minute = 1000000
 
     [priorities]
     aging_s = 60                  # a queued task rises one priority level per 60 s; 0: never
@@ -74,6 +78,9 @@ KINDS = (LOCAL, REMOTE, OPENAI, ANTHROPIC)
 # Built-in task types each kind can run (custom types run on local and remote members).
 PROVIDER_TYPES = {OPENAI: frozenset({"chat", "embed"}), ANTHROPIC: frozenset({"chat"})}
 DEFAULT_LOAD_FACTOR = 1.25
+# What Anthropic members send as max_tokens for a task that sets none, and what the token
+# budget charges such a task for its output.
+DEFAULT_MAX_TOKENS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +97,7 @@ class BackendSpec:
     api_key_env: str | None = None
     api_key_file: str | None = None
     timeout_s: float = 600.0
-    default_max_tokens: int = 1024
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,15 +124,39 @@ class RateLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskQuota:
+    """What a client's unfinished tasks may hold at once: model tokens per minute (a budget
+    each task is charged at admission, corrected when it ends) and how many tasks. None:
+    no such limit."""
+
+    tokens_per_minute: int | None = None
+    max_queued: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     """Admission limits per client: `default` for every client (None: unlimited) unless
-    `clients` names the client; likewise the priority cap, `max_priority` unless
-    `client_max_priority` names the client."""
+    `clients` names the client; the same for `quota` and `client_quotas`, and for the
+    priority cap, `max_priority` unless `client_max_priority` names the client."""
 
     default: RateLimit | None = None
     clients: Mapping[str, RateLimit] = field(default_factory=dict)
+    quota: TaskQuota = field(default_factory=TaskQuota)
+    # A client's table sets some keys of [limits]' quota; the rest are [limits]' own.
+    client_quotas: Mapping[str, TaskQuota] = field(default_factory=dict)
+    # The output tokens a chat task that sets no max_tokens is charged for.
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
     max_priority: Priority = Priority.URGENT
     client_max_priority: Mapping[str, Priority] = field(default_factory=dict)
+
+    def quota_for(self, client_id: str) -> TaskQuota:
+        return self.client_quotas.get(client_id, self.quota)
+
+    @property
+    def caps_queued(self) -> bool:
+        """Whether some client's unfinished tasks are capped (and so must be counted)."""
+        quotas = (self.quota, *self.client_quotas.values())
+        return any(quota.max_queued is not None for quota in quotas)
 
     def max_priority_of(self, client_id: str) -> Priority:
         """The highest priority `client_id`'s tasks may have."""
@@ -230,35 +261,70 @@ def _api_keys(raw: object, problems: _Problems) -> tuple[ApiKey, ...]:
     return tuple(keys.values())
 
 
+# Keys of a [limits.clients."x"] table, and of [limits] itself (which adds the budget's
+# default_max_tokens): each group read by its own function.
+_RATE_KEYS = ("rate", "burst")
+_QUOTA_KEYS = {  # key: its largest value, what it counts
+    "tokens_per_minute": (10**12, "model tokens per minute"),
+    "max_queued": (10**7, "unfinished tasks at once"),
+}
+_CLIENT_LIMIT_KEYS = (*_RATE_KEYS, *_QUOTA_KEYS, "max_priority")
+
+
 def _limits(raw: object, problems: _Problems) -> Limits:
     if not problems.check(isinstance(raw, dict), "limits", "must be a table"):
         return Limits()
     assert isinstance(raw, dict)
-    default, max_priority = _limit_table(
-        {k: v for k, v in raw.items() if k != "clients"}, "limits", problems
-    )
+    shared = {k: v for k, v in raw.items() if k != "clients"}
+    _check_keys(shared, "limits", (*_CLIENT_LIMIT_KEYS, "default_max_tokens"), problems)
+    default = _rate_limit(shared, "limits", problems)
+    quota = _task_quota(shared, "limits", TaskQuota(), problems)
+    max_tokens = shared.get("default_max_tokens", DEFAULT_MAX_TOKENS)
+    if not problems.check(
+        isinstance(max_tokens, int)
+        and not isinstance(max_tokens, bool)
+        and 1 <= max_tokens <= _LIMITS["default_max_tokens"],
+        "limits.default_max_tokens",
+        f"must be a whole number from 1 to {_LIMITS['default_max_tokens']}: the output tokens"
+        " a chat task that sets no max_tokens is charged for",
+    ):
+        max_tokens = DEFAULT_MAX_TOKENS
+    max_priority = _max_priority(shared, "limits", problems)
     clients: dict[str, RateLimit] = {}
+    client_quotas: dict[str, TaskQuota] = {}
     client_max_priority: dict[str, Priority] = {}
     for client, entry in _tables(raw.get("clients", {}), "limits.clients", problems).items():
-        # What a client's table leaves out is the [limits] value: a table that only caps
-        # the priority keeps the common rate.
-        limit, cap = _limit_table(entry, f"limits.clients.{client!r}", problems)
+        where = f"limits.clients.{client!r}"
+        _check_keys(entry, where, _CLIENT_LIMIT_KEYS, problems)
+        limit = _rate_limit(entry, where, problems)
         if limit is not None:
             clients[client] = limit
+        if entry.keys() & _QUOTA_KEYS.keys():
+            client_quotas[client] = _task_quota(entry, where, quota, problems)
+        # What a client's table leaves out is the [limits] value: a table that only caps
+        # the priority keeps the common rate.
+        cap = _max_priority(entry, where, problems)
         if cap is not None:
             client_max_priority[client] = cap
-    return Limits(default, clients, max_priority or Priority.URGENT, client_max_priority)
-
-
-def _limit_table(
-    entry: Mapping[str, Any], where: str, problems: _Problems
-) -> tuple[RateLimit | None, Priority | None]:
-    problems.check(
-        not (unknown := set(entry) - {"rate", "burst", "max_priority"}),
-        where,
-        f"unknown keys {sorted(unknown)}; expected rate, burst, max_priority",
+    return Limits(
+        default,
+        clients,
+        quota,
+        client_quotas,
+        int(max_tokens),
+        max_priority or Priority.URGENT,
+        client_max_priority,
     )
-    return _rate_limit(entry, where, problems), _max_priority(entry, where, problems)
+
+
+def _check_keys(
+    entry: Mapping[str, Any], where: str, expected: tuple[str, ...], problems: _Problems
+) -> None:
+    problems.check(
+        not (unknown := set(entry) - set(expected)),
+        where,
+        f"unknown keys {sorted(unknown)}; expected {', '.join(expected)}",
+    )
 
 
 _PRIORITY_NAMES = ", ".join(p.name for p in Priority)
@@ -279,7 +345,8 @@ def _max_priority(entry: Mapping[str, Any], where: str, problems: _Problems) -> 
 
 
 def _rate_limit(entry: Mapping[str, Any], where: str, problems: _Problems) -> RateLimit | None:
-    if "rate" not in entry and "burst" not in entry:
+    """The table's rate and burst; None when it sets neither (no limit of its own)."""
+    if not entry.keys() & set(_RATE_KEYS):
         return None
     rate, burst = entry.get("rate"), entry.get("burst")
     ok = problems.check(
@@ -293,6 +360,22 @@ def _rate_limit(entry: Mapping[str, Any], where: str, problems: _Problems) -> Ra
         "required: the bucket's size, a whole number from 1 to 1000000",
     )
     return RateLimit(float(rate), int(burst)) if ok else None  # type: ignore[arg-type]
+
+
+def _task_quota(
+    entry: Mapping[str, Any], where: str, inherited: TaskQuota, problems: _Problems
+) -> TaskQuota:
+    """`inherited` with the token budget and queued cap `entry` sets."""
+    changes: dict[str, int] = {}
+    for key, (most, what) in _QUOTA_KEYS.items():
+        value = entry.get(key)
+        if value is not None and problems.check(
+            isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= most,
+            f"{where}.{key}",
+            f"must be a whole number from 1 to {most}: {what}",
+        ):
+            changes[key] = value
+    return replace(inherited, **changes)
 
 
 _BACKOFF_KEYS = ("initial_backoff_s", "max_backoff_s", "factor")
@@ -505,7 +588,7 @@ def _backend(entry: dict[str, Any], where: str, problems: _Problems) -> BackendS
         api_key_env=entry.get("api_key_env"),
         api_key_file=entry.get("api_key_file"),
         timeout_s=float(timeout),
-        default_max_tokens=entry.get("default_max_tokens", 1024),
+        default_max_tokens=entry.get("default_max_tokens", DEFAULT_MAX_TOKENS),
     )
 
 

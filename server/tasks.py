@@ -10,6 +10,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping, Sequence, Set
 from dataclasses import replace
 
 from .admission.priorities import PriorityCaps
+from .admission.quotas import TaskQuotas
 from .admission.validate import reportable, validate_spec
 from .clock import Clock
 from .config import TaskLimits
@@ -25,6 +26,7 @@ from .model.errors import (
     FieldViolation,
     InvalidArgumentError,
     NotFoundError,
+    RateLimitedError,
     TaskringError,
     UnavailableError,
 )
@@ -62,6 +64,7 @@ class TaskManager:
         custom_types: Mapping[str, TaskType] | None = None,
         new_id: Callable[[], str] | None = None,
         priority_caps: PriorityCaps | None = None,
+        quotas: TaskQuotas | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
@@ -75,6 +78,9 @@ class TaskManager:
         self._custom_types = custom_types or {}
         self._new_id = new_id or UuidV7Factory()
         self._priority_caps = priority_caps or PriorityCaps(Limits())
+        # Token budgets and caps on unfinished tasks; given back as tasks end (the
+        # ChangeRecorder's on_end), or here when a write stores nothing.
+        self._quotas = quotas or TaskQuotas(Limits(), clock)
         self._accepting = True
 
     def stop_accepting(self) -> None:
@@ -94,8 +100,17 @@ class TaskManager:
             created_at=now,
             deadline=now + spec.timeout_s,
         )
+        # Checked and held before the write, with no await in between: concurrent Submits
+        # each see the ones before them.
+        self._quotas.admit(task)
         started = self._dispatcher.start_at_submit(task, now)
-        creation = asyncio.ensure_future(self._store.create(started or task))
+        try:
+            creation = asyncio.ensure_future(self._store.create(started or task))
+        except BaseException:
+            self._quotas.release(task.id)
+            if started is not None:
+                self._dispatcher.release(started)
+            raise
         if started is not None and not spec.idempotency_key:
             self._dispatcher.start_early(started)
         # Settled from the write itself, like every change (see ChangeRecorder): a Submit
@@ -119,7 +134,9 @@ class TaskManager:
     ) -> None:
         failed = creation.cancelled() or creation.exception() is not None
         if failed or not creation.result()[1]:
-            # Not stored, or an idempotent replay: the slot reserved for it is not needed.
+            # Not stored, or an idempotent replay: the slot reserved for it is not needed,
+            # nor what it holds of its client's quotas.
+            self._quotas.release(task.id)
             if started is not None:
                 self._dispatcher.release(started)
             return
@@ -151,17 +168,18 @@ class TaskManager:
         for index, asked in enumerate(specs):
             try:
                 spec = self._validated(client_id, asked)
-            except InvalidArgumentError as exc:
+                task = Task(
+                    id=self._new_id(),
+                    client_id=client_id,
+                    spec=spec,
+                    state=TaskState.QUEUED,
+                    created_at=now,
+                    deadline=now + spec.timeout_s,
+                )
+                self._quotas.admit(task)  # in request order, as the tasks of Submits would
+            except (InvalidArgumentError, RateLimitedError) as exc:
                 outcomes[index] = exc
                 continue
-            task = Task(
-                id=self._new_id(),
-                client_id=client_id,
-                spec=spec,
-                state=TaskState.QUEUED,
-                created_at=now,
-                deadline=now + spec.timeout_s,
-            )
             fresh.append((index, task))
         stored = await self._create_batch([task for _, task in fresh]) if fresh else []
         for (index, task), (kept, created) in zip(fresh, stored, strict=True):
@@ -172,17 +190,30 @@ class TaskManager:
         return [outcomes[index] for index in range(len(specs))]
 
     async def _create_batch(self, tasks: list[Task]) -> list[tuple[Task, bool]]:
-        creation = asyncio.ensure_future(self._store.create_batch(tasks))
+        try:
+            creation = asyncio.ensure_future(self._store.create_batch(tasks))
+        except BaseException:
+            self._release_all(tasks)
+            raise
         # As Submit's: settled from the write itself, whether or not the caller still waits.
-        creation.add_done_callback(self._settle_batch)
+        creation.add_done_callback(functools.partial(self._settle_batch, tasks))
         return await asyncio.shield(creation)
 
-    def _settle_batch(self, creation: asyncio.Future[list[tuple[Task, bool]]]) -> None:
+    def _settle_batch(
+        self, tasks: list[Task], creation: asyncio.Future[list[tuple[Task, bool]]]
+    ) -> None:
         if creation.cancelled() or creation.exception() is not None:
-            return  # nothing was stored
-        for stored, created in creation.result():
+            self._release_all(tasks)  # nothing was stored
+            return
+        for task, (stored, created) in zip(tasks, creation.result(), strict=True):
             if created:
                 self._hand_over(stored)
+            else:  # a replay: the task admitted was not stored
+                self._quotas.release(task.id)
+
+    def _release_all(self, tasks: list[Task]) -> None:
+        for task in tasks:
+            self._quotas.release(task.id)
 
     async def get(self, client_id: str, task_id: str) -> Task:
         _check_id(task_id)

@@ -10,6 +10,10 @@ wakes the claim loop.
 Reading the row gives the task as it is now, not each change on the way: changes that
 land faster than a row is read arrive as one, as for a slow watcher. Output is never
 lost (the delta is the text the watcher has not seen yet), and states arrive in order.
+
+The end of a task that holds some of its client's quotas here (admitted through this
+replica, ended by another) is read too, watched or not, for the usage that corrects its
+charge (TaskEnds).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Protocol
 
 from server.dispatch.dispatcher import Dispatcher
 from server.model.errors import StoreError
@@ -28,14 +33,33 @@ from .hub import EventHub, EventKind, TaskEvent
 _log = logging.getLogger(__name__)
 
 
+class TaskEnds(Protocol):
+    """What hears of the ends of tasks it holds (admission's TaskQuotas)."""
+
+    def holds(self, task_id: str) -> bool: ...
+
+    def ended(self, task: Task) -> None: ...
+
+    def ended_unread(self, task_id: str) -> None: ...
+
+
 class ChangeFeed:
-    def __init__(self, store: TaskStore, hub: EventHub, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self,
+        store: TaskStore,
+        hub: EventHub,
+        dispatcher: Dispatcher,
+        ends: TaskEnds | None = None,
+    ) -> None:
         self._store = store
         self._hub = hub
         self._dispatcher = dispatcher
+        self._ends = ends
         # One read at a time per task; a change during a read asks for one more.
         self._reading: dict[str, asyncio.Task[None]] = {}
         self._read_again: set[str] = set()
+        # Reads of ended tasks for `ends` (a terminal state comes once: one read each).
+        self._settling: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self._store.follow(self.on_change, self.on_gap)
@@ -44,12 +68,21 @@ class ChangeFeed:
         self._dispatcher.changed_elsewhere(change.task_id, change.sequence)
         if change.state is TaskState.QUEUED:
             self._dispatcher.wake()
+        refreshing = False
         if self._hub.watched(change.task_id):
             latest = self._hub.latest(change.task_id)
             if latest is None or change.sequence > latest.sequence:
-                self._refresh(change.task_id)
+                self._refresh(change.task_id)  # which tells `ends` too
+                refreshing = True
         else:
             self._hub.drop(change.task_id)
+        ends = self._ends
+        if ends is None or refreshing or not change.state.is_terminal:
+            return
+        if ends.holds(change.task_id):
+            settle = asyncio.create_task(self._settle(ends, change.task_id), name="feed:settle")
+            self._settling.add(settle)
+            settle.add_done_callback(self._settling.discard)
 
     def on_gap(self) -> None:
         """Changes may have been missed: every watched task is read again, every other copy
@@ -80,6 +113,10 @@ class ChangeFeed:
                     _log.warning("could not read task %s after a change: %s", task_id, exc)
                     return
                 if current is not None:
+                    # Before its watchers hear of the end, as on the replica that stored it.
+                    ends = self._ends
+                    if current.is_terminal and ends is not None and ends.holds(task_id):
+                        ends.ended(current)
                     for event in events_between(self._hub.latest(task_id), current):
                         self._hub.publish(event)
                 if task_id not in self._read_again:
@@ -87,8 +124,20 @@ class ChangeFeed:
         finally:
             del self._reading[task_id]
 
+    async def _settle(self, ends: TaskEnds, task_id: str) -> None:
+        """Tells `ends` how a task it holds ended, as stored."""
+        try:
+            ended = await self._store.get(task_id)
+        except StoreError as exc:
+            _log.warning("could not read task %s after its end: %s", task_id, exc)
+            ended = None
+        if ended is not None and ended.is_terminal:
+            ends.ended(ended)
+        else:  # gone already (retention), or unreadable: its charge stays as it was
+            ends.ended_unread(task_id)
+
     async def close(self) -> None:
-        reads = list(self._reading.values())
+        reads = [*self._reading.values(), *self._settling]
         for read in reads:
             read.cancel()
         for read in reads:

@@ -1,5 +1,9 @@
 """ChangeRecorder: the one way a task change reaches watchers. State changes are stored
-first, then published; output deltas may go out first (see `record_output`)."""
+first, then published; output deltas may go out first (see `record_output`).
+
+Every end of a task this process stores passes here (an attempt's success or failure,
+Cancel, a deadline passing, an orphan on its last attempt): `on_end` hears of each, once,
+with the task as stored."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import functools
 import logging
 from collections.abc import Callable
 
+from server.model.task import Task
 from server.store.base import TaskStore
 
 from .hub import EventHub, TaskEvent
@@ -15,12 +20,15 @@ from .hub import EventHub, TaskEvent
 _log = logging.getLogger(__name__)
 
 OnSaved = Callable[[TaskEvent], None]
+OnEnd = Callable[[Task], None]
 
 
 class ChangeRecorder:
-    def __init__(self, store: TaskStore, hub: EventHub) -> None:
+    def __init__(self, store: TaskStore, hub: EventHub, on_end: OnEnd | None = None) -> None:
         self._store = store
         self._hub = hub
+        # Admission's quotas: what a task held is given back when it ends.
+        self._on_end = on_end
 
     def record(
         self,
@@ -82,5 +90,10 @@ class ChangeRecorder:
             return
         if on_saved is not None:
             on_saved(events[-1])
+        # Before watchers hear of the end: a client that saw its task end may submit the
+        # next one at once, and finds its quotas given back.
+        task = events[-1].task
+        if task.is_terminal and self._on_end is not None:
+            self._on_end(task)
         for event in events:
             self._hub.publish(event)

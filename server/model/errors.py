@@ -10,7 +10,8 @@ TaskringError
 ├── StoreError                 the store failed; retryable
 ├── UnauthenticatedError       no API key, or one the server does not know
 ├── PermissionDeniedError      a valid key that may not do this (an admin's call)
-└── RateLimitedError           over the client's limit; says when to retry
+└── RateLimitedError           over a limit of the client's (calls per second, token
+                               budget, unfinished tasks); says when to retry
 """
 
 from __future__ import annotations

@@ -69,6 +69,15 @@ class Change:
 OnChange = Callable[[Change], None]
 
 
+@dataclass(frozen=True, slots=True)
+class Unfinished:
+    """A QUEUED or RUNNING task, as much as admission counts of it at a start."""
+
+    task_id: str
+    client_id: str
+    deadline: float
+
+
 class TaskStore(Protocol):
     # This process's name in the store: the owner of the RUNNING tasks it runs.
     replica: str
@@ -162,4 +171,9 @@ class TaskStore(Protocol):
 
     async def expired(self, now: float, limit: int) -> list[Task]:
         """Unfinished tasks whose deadline has passed."""
+        ...
+
+    async def unfinished(self) -> list[Unfinished]:
+        """Every QUEUED or RUNNING task, three columns each (read once, at start, so that
+        the caps on clients' unfinished tasks remember the backlog across a restart)."""
         ...

@@ -24,7 +24,16 @@ from server.model.stats import TaskStats
 from server.model.task import Priority, Task, TaskState
 
 from .aggregate import STATS_DURATIONS, assemble_stats
-from .base import Change, Claimed, ListPage, ListQuery, OnChange, Starter, StatsQuery
+from .base import (
+    Change,
+    Claimed,
+    ListPage,
+    ListQuery,
+    OnChange,
+    Starter,
+    StatsQuery,
+    Unfinished,
+)
 from .pg_batches import WriteBatches
 from .postgres_schema import MIGRATIONS, SCHEMA_VERSION, VERSIONS_TABLE
 from .rows import (
@@ -454,6 +463,12 @@ class PostgresTaskStore:
             " ORDER BY deadline LIMIT $2"
         )
         return await self._tasks(sql, now, limit)
+
+    async def unfinished(self) -> list[Unfinished]:
+        sql = "SELECT id, client_id, deadline FROM tasks WHERE state IN ('QUEUED', 'RUNNING')"
+        with _errors("read"):
+            rows = await self._pool_or_fail().fetch(sql)
+        return [Unfinished(task_id, client_id, deadline) for task_id, client_id, deadline in rows]
 
     def follow(self, on_change: OnChange, on_gap: Callable[[], None]) -> None:
         """Calls `on_change` for each change another replica stores, in commit order, and

@@ -16,7 +16,7 @@ from server.model.stats import TaskStats
 from server.model.task import Priority, Task, TaskState
 
 from .aggregate import STATS_DURATIONS, assemble_stats
-from .base import Claimed, ListPage, ListQuery, OnChange, Starter, StatsQuery
+from .base import Claimed, ListPage, ListQuery, OnChange, Starter, StatsQuery, Unfinished
 from .group_commit import GroupCommitWriter
 from .rows import (
     COLUMNS,
@@ -350,6 +350,11 @@ class SqliteTaskStore:
         )
         rows = await self._read(lambda c: c.execute(sql, (now, limit)).fetchall())
         return [from_row(r) for r in rows]
+
+    async def unfinished(self) -> list[Unfinished]:
+        sql = "SELECT id, client_id, deadline FROM tasks WHERE state IN ('QUEUED', 'RUNNING')"
+        rows = await self._read(lambda c: c.execute(sql).fetchall())
+        return [Unfinished(task_id, client_id, deadline) for task_id, client_id, deadline in rows]
 
     def statistics(self) -> dict[str, int]:
         return {"commit_groups": self._writer.groups, "writes": self._writer.writes}

@@ -28,7 +28,7 @@ from server.model.task import (
     TaskState,
     Usage,
 )
-from server.store.base import ListQuery, TaskStore
+from server.store.base import ListQuery, TaskStore, Unfinished
 from server.store.postgres import PostgresTaskStore
 from server.store.sqlite import SqliteTaskStore
 from tests.conftest import StoreUrl
@@ -200,6 +200,23 @@ async def test_recovery_and_deadline_queries(store: TaskStore) -> None:
     await store.update(running, 1)
     assert [t.id for t in await store.in_states([TaskState.RUNNING], 10)] == ["task-0001"]
     assert [t.id for t in await store.expired(now=5001.5, limit=10)] == ["task-0000", "task-0001"]
+
+
+async def test_unfinished_lists_each_queued_or_running_task_with_its_client(
+    store: TaskStore,
+) -> None:
+    """What the caps on unfinished tasks are seeded from at start: finished tasks are left
+    out, each other task comes with its client and deadline."""
+    await store.create(new_task(0))
+    await store.create(new_task(1, client_id="client-b"))
+    await store.create(new_task(2))
+    await store.update(states.start(new_task(1, client_id="client-b"), "b", 1.0), 1)
+    await store.update(states.cancel(new_task(2), 2.0), 1)
+    unfinished = sorted(await store.unfinished(), key=lambda u: u.task_id)
+    assert unfinished == [
+        Unfinished("task-0000", "client-a", 5000.0),
+        Unfinished("task-0001", "client-b", 5001.0),
+    ]
 
 
 async def test_concurrent_writes_commit_in_groups(

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 
 from server.config import ConfigError, Settings
-from server.config_file import ApiKey, BackendSpec, Limits, ModelPrice, RateLimit, read_file_config
+from server.config_file import (
+    ApiKey,
+    BackendSpec,
+    Limits,
+    ModelPrice,
+    RateLimit,
+    TaskQuota,
+    read_file_config,
+)
 from server.dispatch.retry import RetryPolicies, RetryPolicy
 from server.model.task import Priority
 
@@ -196,6 +204,63 @@ rate = 1
     assert "trk_the-key-itself" not in text, "a misplaced key is not echoed"
 
 
+def test_token_budgets_and_queued_caps_are_read_with_client_overrides(tmp_path: Path) -> None:
+    """A client's table overrides the keys it sets; the others come from [limits]."""
+    config, problems = read_file_config(
+        write(
+            tmp_path,
+            """
+[limits]
+tokens_per_minute = 100000
+max_queued = 1000
+default_max_tokens = 512
+[limits.clients."big"]
+tokens_per_minute = 2000000
+[limits.clients."fast"]
+rate = 10
+burst = 20
+""",
+        )
+    )
+    assert problems == []
+    limits = config.limits
+    assert limits.default is None, "no rate limit unless rate and burst are set"
+    assert limits.clients == {"fast": RateLimit(10.0, 20)}
+    assert limits.quota_for("anyone") == TaskQuota(tokens_per_minute=100_000, max_queued=1000)
+    assert limits.quota_for("big") == TaskQuota(tokens_per_minute=2_000_000, max_queued=1000)
+    assert limits.quota_for("fast") == limits.quota
+    assert limits.default_max_tokens == 512
+    assert limits.caps_queued
+
+
+def test_bad_budgets_and_caps_are_named_with_their_place(tmp_path: Path) -> None:
+    _, problems = read_file_config(
+        write(
+            tmp_path,
+            """
+[limits]
+tokens_per_minute = 0
+max_queued = "many"
+default_max_tokens = true
+[limits.clients."x"]
+default_max_tokens = 5
+max_queued = 1.5
+tokens_per_minut = 100
+""",
+        )
+    )
+    text = "\n".join(problems)
+    for place in (
+        "limits.tokens_per_minute: must be a whole number from 1",
+        "limits.max_queued: must be a whole number from 1",
+        "limits.default_max_tokens: must be a whole number from 1",
+        "limits.clients.'x': unknown keys ['default_max_tokens', 'tokens_per_minut']",
+        "limits.clients.'x'.max_queued",
+    ):
+        assert place in text
+    assert len(problems) == 5, text
+
+
 def test_retry_policies_are_read_per_task_type(tmp_path: Path) -> None:
     """[retry] is every type's policy; [retry.types.X] overrides only the keys it sets."""
     path = write(
@@ -283,8 +348,8 @@ max_priority = "URGENT"
     assert config.limits == Limits(
         RateLimit(10.0, 20),
         {"ops": RateLimit(100.0, 100)},
-        Priority.HIGH,
-        {"batch": Priority.LOW, "ops": Priority.URGENT},
+        max_priority=Priority.HIGH,
+        client_max_priority={"batch": Priority.LOW, "ops": Priority.URGENT},
     )
     assert config.limits.max_priority_of("batch") is Priority.LOW
     assert config.limits.max_priority_of("anyone") is Priority.HIGH
