@@ -56,6 +56,11 @@ TASKRING_* environment variables.
     [retry.types.chat]            # a type's own; keys it leaves out come from [retry]
     max_attempts = 5
 
+    [quotas.types."chat"]         # per task type, across all clients
+    rate = 20                     # Submits of the type: a token bucket of `burst` at `rate`/s
+    burst = 40
+    max_running = 8               # its attempts running at once in this router
+
 Every problem in the file is reported at once, each with its place (`backends[2].address`).
 """
 
@@ -164,6 +169,30 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class TypeQuota:
+    """One task type's limits across all clients: its Submits (a token bucket) and its
+    attempts running at once in this router. None: no such limit."""
+
+    rate: RateLimit | None = None
+    max_running: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TypeQuotas:
+    """[quotas.types."<type>"] tables by task type; a type not named has no limits."""
+
+    types: Mapping[str, TypeQuota] = field(default_factory=dict)
+
+    def rates(self) -> dict[str, RateLimit]:
+        return {name: q.rate for name, q in self.types.items() if q.rate is not None}
+
+    def max_running(self) -> dict[str, int]:
+        return {
+            name: q.max_running for name, q in self.types.items() if q.max_running is not None
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class FileConfig:
     backends: tuple[BackendSpec, ...] = ()
     load_factor: float = DEFAULT_LOAD_FACTOR
@@ -175,6 +204,7 @@ class FileConfig:
     # Raw [task_types.<name>] tables; server.tasktypes checks and loads them.
     task_types: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     retry: RetryPolicies = field(default_factory=RetryPolicies)
+    quotas: TypeQuotas = field(default_factory=TypeQuotas)
     # Relative paths in the file (schemas, secret files) are relative to its directory.
     base_dir: Path = field(default_factory=Path)
 
@@ -217,13 +247,24 @@ def read_file_config(
         aging_s=_aging_s(raw.get("priorities", {}), problems),
         task_types=task_types,
         retry=_retry(raw.get("retry", {}), default_max_attempts, served, problems),
+        quotas=_type_quotas(raw.get("quotas", {}), served, problems),
         base_dir=path.resolve().parent,
     )
     return config, [f"{path}: {p}" for p in problems]
 
 
 _SECTIONS = frozenset(
-    {"routing", "backends", "prices", "task_types", "api_keys", "limits", "retry", "priorities"}
+    {
+        "routing",
+        "backends",
+        "prices",
+        "task_types",
+        "api_keys",
+        "limits",
+        "retry",
+        "priorities",
+        "quotas",
+    }
 )
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -376,6 +417,38 @@ def _task_quota(
         ):
             changes[key] = value
     return replace(inherited, **changes)
+
+
+# Bounds max_running like a member's max_concurrency: a typo must not pass as "no cap".
+_MAX_RUNNING = 100_000
+
+
+def _type_quotas(raw: object, served: set[str], problems: _Problems) -> TypeQuotas:
+    if not problems.check(isinstance(raw, dict), "quotas", "must be a table"):
+        return TypeQuotas()
+    assert isinstance(raw, dict)
+    _check_keys(raw, "quotas", ("types",), problems)
+    quotas: dict[str, TypeQuota] = {}
+    for name, entry in _tables(raw.get("types", {}), "quotas.types", problems).items():
+        where = f"quotas.types.{name}"
+        # As in [retry.types]: a typo would otherwise leave the type unlimited without a word.
+        problems.check(
+            name in served, where, f"no such task type; known: {', '.join(sorted(served))}"
+        )
+        _check_keys(entry, where, (*_RATE_KEYS, "max_running"), problems)
+        rate = _rate_limit(entry, where, problems)
+        max_running = entry.get("max_running")
+        if max_running is not None and not problems.check(
+            isinstance(max_running, int)
+            and not isinstance(max_running, bool)
+            and 1 <= max_running <= _MAX_RUNNING,
+            f"{where}.max_running",
+            f"must be a whole number from 1 to {_MAX_RUNNING}: the type's attempts running"
+            " at once in this router",
+        ):
+            max_running = None
+        quotas[name] = TypeQuota(rate, max_running)
+    return TypeQuotas(quotas)
 
 
 _BACKOFF_KEYS = ("initial_backoff_s", "max_backoff_s", "factor")

@@ -14,6 +14,8 @@ from server.config_file import (
     ModelPrice,
     RateLimit,
     TaskQuota,
+    TypeQuota,
+    TypeQuotas,
     read_file_config,
 )
 from server.dispatch.retry import RetryPolicies, RetryPolicy
@@ -319,6 +321,71 @@ factor = 0.5
         "retry.types.chta: factor must be at least 1",
     ):
         assert place in text, text
+
+
+def test_task_type_quotas_are_read(tmp_path: Path) -> None:
+    """[quotas.types."<type>"]: a rate limit, a concurrency cap, or both, per task type."""
+    path = write(
+        tmp_path,
+        """
+[task_types.summarize]
+handler = "examples.summarize:summarize"
+
+[quotas.types."chat"]
+rate = 2.5
+burst = 5
+max_running = 8
+[quotas.types."embed"]
+max_running = 3
+[quotas.types."summarize"]
+rate = 1
+burst = 1
+""",
+    )
+    config, problems = read_file_config(path)
+    assert problems == []
+    assert config.quotas == TypeQuotas(
+        {
+            "chat": TypeQuota(RateLimit(2.5, 5), 8),
+            "embed": TypeQuota(None, 3),
+            "summarize": TypeQuota(RateLimit(1.0, 1), None),
+        }
+    )
+    assert config.quotas.rates() == {"chat": RateLimit(2.5, 5), "summarize": RateLimit(1.0, 1)}
+    assert config.quotas.max_running() == {"chat": 8, "embed": 3}
+    # No [quotas]: no type is limited.
+    assert read_file_config(write(tmp_path, ""))[0].quotas == TypeQuotas()
+
+
+def test_bad_task_type_quotas_are_named_with_their_place(tmp_path: Path) -> None:
+    _, problems = read_file_config(
+        write(
+            tmp_path,
+            """
+[quotas]
+max_running = 3
+[quotas.types."chta"]
+max_running = 2
+[quotas.types."chat"]
+rate = 5
+max_running = 0
+concurrency = 4
+[quotas.types."embed"]
+max_running = true
+""",
+        )
+    )
+    text = "\n".join(problems)
+    for place in (
+        "quotas: unknown keys ['max_running']; expected types",
+        "quotas.types.chta: no such task type; known: chat, embed",
+        "quotas.types.chat: unknown keys ['concurrency']",
+        "quotas.types.chat.burst: required: the bucket's size",
+        "quotas.types.chat.max_running: must be a whole number from 1 to 100000",
+        "quotas.types.embed.max_running: must be a whole number from 1 to 100000",
+    ):
+        assert place in text, text
+    assert len(problems) == 6, text
 
 
 def test_priority_aging_and_caps_are_read(tmp_path: Path) -> None:
