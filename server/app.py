@@ -16,7 +16,7 @@ from opentelemetry.trace import TracerProvider
 
 from .admission.auth import Authenticator
 from .admission.gate import Gate
-from .admission.limits import ClientLimiter
+from .admission.limits import ClientLimiter, TypeLimiter
 from .admission.priorities import PriorityCaps
 from .admission.quotas import TaskQuotas
 from .api.admin import AdminServicer
@@ -118,10 +118,11 @@ class App:
             recorder,
             members,
             self.clock,
-            # Aging is the file's ([priorities] aging_s), whoever sets the rest.
+            # Aging and the types' concurrency caps are the file's, whoever sets the rest.
             replace(
                 dispatch or DispatchSettings(retry=settings.file.retry),
                 aging_s=settings.file.aging_s,
+                max_running_by_type=settings.file.quotas.max_running(),
             ),
             metrics=self.metrics,
             spans=None if tracing is None else TaskSpans(tracing.tracer),
@@ -139,6 +140,7 @@ class App:
             self.task_types,
             priority_caps=PriorityCaps(settings.file.limits),
             quotas=self.quotas,
+            type_limiter=TypeLimiter(settings.file.quotas.rates()),
         )
         self.health = health.aio.HealthServicer()
         self.gate = Gate(Authenticator(settings.file.api_keys), ClientLimiter(settings.file.limits))

@@ -9,6 +9,7 @@ import functools
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence, Set
 from dataclasses import replace
 
+from .admission.limits import TypeLimiter
 from .admission.priorities import PriorityCaps
 from .admission.quotas import TaskQuotas
 from .admission.validate import reportable, validate_spec
@@ -65,6 +66,7 @@ class TaskManager:
         new_id: Callable[[], str] | None = None,
         priority_caps: PriorityCaps | None = None,
         quotas: TaskQuotas | None = None,
+        type_limiter: TypeLimiter | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
@@ -81,6 +83,8 @@ class TaskManager:
         # Token budgets and caps on unfinished tasks; given back as tasks end (the
         # ChangeRecorder's on_end), or here when a write stores nothing.
         self._quotas = quotas or TaskQuotas(Limits(), clock)
+        # Rate limits per task type ([quotas.types]), across all clients.
+        self._type_limiter = type_limiter or TypeLimiter({})
         self._accepting = True
 
     def stop_accepting(self) -> None:
@@ -100,6 +104,9 @@ class TaskManager:
             created_at=now,
             deadline=now + spec.timeout_s,
         )
+        # Its type's token first: the await never suspends (the bucket has room, or it
+        # raises), so nothing runs between it and the quotas' check.
+        await self._type_limiter.admit(spec.type)
         # Checked and held before the write, with no await in between: concurrent Submits
         # each see the ones before them.
         self._quotas.admit(task)
@@ -176,7 +183,9 @@ class TaskManager:
                     created_at=now,
                     deadline=now + spec.timeout_s,
                 )
-                self._quotas.admit(task)  # in request order, as the tasks of Submits would
+                # Each task on its own, in request order, as the tasks of Submits would be.
+                await self._type_limiter.admit(spec.type)
+                self._quotas.admit(task)
             except (InvalidArgumentError, RateLimitedError) as exc:
                 outcomes[index] = exc
                 continue

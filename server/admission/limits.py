@@ -1,5 +1,6 @@
 """Per-client token buckets (aiolimiter's leaky bucket): a call over its client's limit is
 refused at once with the time after which one more would pass, never queued in the server.
+Per-task-type buckets (TypeLimiter) do the same for Submits of a type, across all clients.
 
 Buckets live only while they hold something: one that has drained is the same as a new
 one, so it is dropped. Memory then follows the clients active within a bucket's drain time
@@ -11,6 +12,7 @@ up to what it wants (`admit_up_to`): its first items pass, the rest are refused.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aiolimiter import AsyncLimiter
@@ -107,6 +109,32 @@ class ClientLimiter:
             if oldest is None or not oldest[1].has_capacity(oldest[1].max_rate):
                 return
             del self._buckets[oldest[0]]
+
+
+class TypeLimiter:
+    """Admits the tasks of each type in [quotas.types] within its RateLimit, whichever
+    client submits them; types not named there are unlimited. One bucket per configured
+    type, made up front: their number is the file's, so none is ever dropped."""
+
+    def __init__(self, rates: Mapping[str, RateLimit]) -> None:
+        self._limits = dict(rates)
+        self._buckets = {name: _bucket(limit) for name, limit in rates.items()}
+
+    async def admit(self, task_type: str) -> None:
+        """Takes one token of `task_type`'s bucket, or raises RateLimitedError."""
+        bucket = self._buckets.get(task_type)
+        if bucket is None:
+            return
+        if not bucket.has_capacity():
+            limit = self._limits[task_type]
+            # As ClientLimiter.admit: one token leaks out within 1 / rate seconds.
+            raise RateLimitedError(
+                f"task type {task_type!r} is over its limit of {limit.rate:g} tasks per"
+                f" second across all clients (burst {limit.burst}, [quotas.types]); retry"
+                " after the delay in RetryInfo",
+                1.0 / limit.rate,
+            )
+        await bucket.acquire()  # has capacity: returns without waiting
 
 
 def _room(bucket: AsyncLimiter, most: int) -> int:

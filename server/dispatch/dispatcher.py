@@ -12,7 +12,7 @@ import contextlib
 import enum
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 from opentelemetry.context import Context
@@ -51,6 +51,9 @@ class DispatchSettings:
     # A queued task's priority rises one level per this many seconds waited (see
     # server/model/aging.py); 0 turns aging off. `[priorities] aging_s` of the file.
     aging_s: float = DEFAULT_AGING_S
+    # The most attempts of a task type running at once in this router, across all members
+    # (`[quotas.types."<type>"] max_running` of the file); a type not named has no cap.
+    max_running_by_type: Mapping[str, int] = field(default_factory=dict)
 
 
 class StopReason(enum.Enum):
@@ -114,6 +117,11 @@ class Dispatcher:
         self._metrics = metrics
         # Attempts running in this process, by task id; only the event loop thread touches it.
         self._running: dict[str, _Attempt] = {}
+        # Slots held per capped task type (those in settings.max_running_by_type): taken
+        # with a member's slot, given back with it; and the types now at their cap, which
+        # the claim leaves out. Only the event loop thread touches either.
+        self._type_running: dict[str, int] = dict.fromkeys(settings.max_running_by_type, 0)
+        self._types_full: set[str] = set()
         # True while the last look at the store left no ready task of a type some member
         # has room for: a new task may then start at once, stored RUNNING by Submit's own
         # write (no queue to jump, one write and one store read fewer per task).
@@ -196,7 +204,7 @@ class Dispatcher:
         the result, then calls `submitted` (or `release` if the write failed)."""
         if self._stopping or not self._queue_drained:
             return None
-        backend = self.members.acquire(task)
+        backend = self._acquire(task)
         if backend is None:
             self._queue_drained = False  # it will wait: later arrivals queue behind it
             return None
@@ -235,7 +243,34 @@ class Dispatcher:
                 early.stored.set_result(False)
             self._stop(early, StopReason.NOT_STORED)
             return
-        self.members.release(task.backend)
+        self._release(task.spec.type, task.backend)
+
+    def _acquire(self, task: Task) -> str | None:
+        """A member's slot for `task`, and one of its type's if the type is capped; None
+        when either is full (then neither is held)."""
+        task_type = task.spec.type
+        if task_type in self._types_full:
+            return None
+        backend = self.members.acquire(task)
+        running = self._type_running.get(task_type)
+        if backend is None or running is None:
+            return backend
+        self._type_running[task_type] = running + 1
+        if running + 1 >= self._settings.max_running_by_type[task_type]:
+            self._types_full.add(task_type)
+        return backend
+
+    def _release(self, task_type: str, backend: str) -> None:
+        """Gives back what `_acquire` took."""
+        self.members.release(backend)
+        running = self._type_running.get(task_type)
+        if running is None:
+            return
+        self._type_running[task_type] = running - 1
+        if task_type in self._types_full:
+            self._types_full.discard(task_type)
+            # Its queued tasks may run again: none may start at Submit ahead of them.
+            self.wake()
 
     def _launch(self, task: Task, stored: asyncio.Future[bool] | None = None) -> None:
         attempt = _Attempt(task, task.backend, stored=stored)
@@ -268,27 +303,28 @@ class Dispatcher:
             if task.deadline <= now:
                 overdue.append(task)
                 return None
-            backend = self.members.acquire(task)  # reserved now so the next task sees it
+            backend = self._acquire(task)  # reserved now so the next task sees it
             if backend is None:
                 left_waiting += 1
                 return None
             planned.append(states.start(task, backend, now))
             return planned[-1]
 
-        # Only types some backend has room for: tasks waiting for a full backend must not
-        # hide the ready tasks of other types behind them.
+        # Only types some backend has room for, and not at their own cap: tasks waiting for
+        # a full backend or type must not hide the ready tasks of other types behind them.
+        types = self.members.types_with_room() - self._types_full
         try:
             claimed = await self._store.claim(
-                free, now, self.members.types_with_room(), start, aging_s=self._settings.aging_s
+                free, now, types, start, aging_s=self._settings.aging_s
             )
         except BaseException:
             for task in planned:
-                self.members.release(task.backend)
+                self._release(task.spec.type, task.backend)
             raise
         stored = {task.id for task in claimed.started}
         for task in planned:
             if task.id not in stored:  # cancelled or changed since it was read
-                self.members.release(task.backend)
+                self._release(task.spec.type, task.backend)
         for task in claimed.started:
             self._recorder.published([_state(task)])
             self._launch(task)
@@ -335,7 +371,7 @@ class Dispatcher:
             with contextlib.suppress(Exception):
                 await self._finish(attempt, states.fail(attempt.task, error, self._clock.now()))
         finally:
-            self.members.release(attempt.backend)
+            self._release(attempt.task.spec.type, attempt.backend)
             self._running.pop(attempt.task.id, None)
             attempt.done.set()
             self._wakeup.set()
