@@ -1,5 +1,5 @@
 """The configuration file (TOML, named by TASKRING_CONFIG): ring members, routing, prices,
-custom task types, API keys, limits and priorities. Everything else is set through
+custom task types, API keys, limits, task type quotas and priorities. Everything else is set through
 TASKRING_* environment variables.
 
     [routing]
@@ -187,9 +187,7 @@ class TypeQuotas:
         return {name: q.rate for name, q in self.types.items() if q.rate is not None}
 
     def max_running(self) -> dict[str, int]:
-        return {
-            name: q.max_running for name, q in self.types.items() if q.max_running is not None
-        }
+        return {name: q.max_running for name, q in self.types.items() if q.max_running is not None}
 
 
 @dataclass(frozen=True, slots=True)
