@@ -1,6 +1,6 @@
 """The configuration file (TOML, named by TASKRING_CONFIG): ring members, routing, prices,
-custom task types, API keys, limits, task type quotas and priorities. Everything else is set through
-TASKRING_* environment variables.
+custom task types, API keys, limits, task type quotas and priorities. Everything else is
+set through TASKRING_* environment variables.
 
     [routing]
     load_factor = 1.25            # bounded loads: no member above 1.25x its fair share
