@@ -94,22 +94,9 @@ class TaskManager:
     async def submit(self, client_id: str, spec: TaskSpec) -> tuple[Task, bool]:
         if not self._accepting:
             raise UnavailableError("the server is shutting down; submit to another replica")
-        spec = self._validated(client_id, spec)
         now = self._clock.now()
-        task = Task(
-            id=self._new_id(),
-            client_id=client_id,
-            spec=spec,
-            state=TaskState.QUEUED,
-            created_at=now,
-            deadline=now + spec.timeout_s,
-        )
-        # Its type's token first: the await never suspends (the bucket has room, or it
-        # raises), so nothing runs between it and the quotas' check.
-        await self._type_limiter.admit(spec.type)
-        # Checked and held before the write, with no await in between: concurrent Submits
-        # each see the ones before them.
-        self._quotas.admit(task)
+        task = await self._admitted(client_id, spec, now)
+        spec = task.spec
         started = self._dispatcher.start_at_submit(task, now)
         try:
             creation = asyncio.ensure_future(self._store.create(started or task))
@@ -128,13 +115,31 @@ class TaskManager:
             raise _key_reused(spec, stored)
         return stored, created
 
-    def _validated(self, client_id: str, spec: TaskSpec) -> TaskSpec:
-        """`spec` checked (InvalidArgumentError naming each problem), with its defaults and
-        its priority within the client's cap."""
+    async def _admitted(self, client_id: str, asked: TaskSpec, now: float) -> Task:
+        """The new task `asked` describes, admitted: checked, with its defaults and its
+        priority within the client's cap, and holding its share of the type's rate and
+        the client's quotas. Raises InvalidArgumentError naming each problem, or
+        RateLimitedError."""
+        spec = asked
         if not spec.max_attempts:  # the task type's retry policy says how many
             spec = replace(spec, max_attempts=self._retry.for_type(spec.type).max_attempts)
         spec = validate_spec(spec, self._limits, self._known_types(), self._custom_types)
-        return self._priority_caps.apply(client_id, spec)
+        spec = self._priority_caps.apply(client_id, spec)
+        task = Task(
+            id=self._new_id(),
+            client_id=client_id,
+            spec=spec,
+            state=TaskState.QUEUED,
+            created_at=now,
+            deadline=now + spec.timeout_s,
+        )
+        # Its type's token first: the await never suspends (the bucket has room, or it
+        # raises), so nothing runs between it and the quotas' check.
+        await self._type_limiter.admit(spec.type)
+        # Checked and held before the write, with no await in between: concurrent Submits
+        # each see the ones before them.
+        self._quotas.admit(task)
+        return task
 
     def _settle(
         self, task: Task, started: Task | None, creation: asyncio.Future[tuple[Task, bool]]
@@ -174,18 +179,8 @@ class TaskManager:
         now = self._clock.now()
         for index, asked in enumerate(specs):
             try:
-                spec = self._validated(client_id, asked)
-                task = Task(
-                    id=self._new_id(),
-                    client_id=client_id,
-                    spec=spec,
-                    state=TaskState.QUEUED,
-                    created_at=now,
-                    deadline=now + spec.timeout_s,
-                )
                 # Each task on its own, in request order, as the tasks of Submits would be.
-                await self._type_limiter.admit(spec.type)
-                self._quotas.admit(task)
+                task = await self._admitted(client_id, asked, now)
             except (InvalidArgumentError, RateLimitedError) as exc:
                 outcomes[index] = exc
                 continue
