@@ -31,7 +31,9 @@ class EventKind(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class TaskEvent:
-    """`task` is the task after the event; `text` is the appended output for OUTPUT."""
+    """`task` is the task after the event; `text` is the appended output for OUTPUT. The
+    OUTPUT events watchers and the history get carry their task without its output (see
+    `without_output`)."""
 
     kind: EventKind
     task: Task
@@ -40,6 +42,13 @@ class TaskEvent:
     @property
     def sequence(self) -> int:
         return self.task.sequence
+
+    def without_output(self) -> TaskEvent:
+        """This event with its task's output left out: what watchers and the history keep
+        of a delta, which is its text and number. The task holds the whole output so far,
+        and one copy per delta kept would grow with the square of a reply's length (256
+        deltas of a 100 KiB reply: 25 MiB per running task); the latest task keeps it."""
+        return TaskEvent(self.kind, self.task.evolve(output=None), self.text)
 
 
 class Watch:
@@ -129,6 +138,8 @@ class EventHub:
         elif event.sequence <= log.latest.sequence:
             return  # already published (or superseded): order and uniqueness over all else
         log.latest = event.task
+        if event.kind is EventKind.OUTPUT:
+            event = event.without_output()
         log.events.append(event)
         if event.task.is_terminal:
             # Every event holds the task as it was then, output included: a finished task's

@@ -129,3 +129,31 @@ def test_a_finished_task_keeps_one_copy_of_its_output_not_one_per_event() -> Non
     assert latest is not None
     assert isinstance(latest.output, ChatOutput)
     assert latest.output.text == "word " * 400
+
+
+def test_a_running_task_keeps_one_copy_of_its_output_not_one_per_event() -> None:
+    """A long reply still streaming: each delta's task holds the whole output so far, so a
+    history of 256 such tasks would hold 256 copies of it (25 MiB for a 100 KiB reply, per
+    running task). The history keeps each delta's text and number; the latest task keeps
+    the output, once; a resume still replays exactly the missed deltas."""
+    hub = EventHub(history_per_task=256)
+    text = "x" * 100_000
+    task = Task("t", "c", SPEC, TaskState.RUNNING, 0, 9, sequence=1, output=ChatOutput(text, ""))
+    tracemalloc.start()
+    try:
+        with hub.subscribe("t") as watch:
+            for sequence in range(2, 302):
+                text += f"<{sequence}>"
+                task = replace(task, sequence=sequence, output=ChatOutput(text, ""))
+                hub.publish(TaskEvent(EventKind.OUTPUT, task, f"<{sequence}>"))
+            held, _ = tracemalloc.get_traced_memory()
+            assert watch.pending == 16  # a watcher that reads none: coalesced past 16
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * 1024 * 1024, f"{held / 2**20:.1f} MiB held for one running task"
+    replay = hub.history("t", 250, 301)
+    assert replay is not None
+    assert [(e.sequence, e.text) for e in replay] == [(s, f"<{s}>") for s in range(251, 302)]
+    latest = hub.latest("t")
+    assert latest is not None
+    assert latest.output == ChatOutput(text, "")
