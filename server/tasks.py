@@ -133,12 +133,17 @@ class TaskManager:
             created_at=now,
             deadline=now + spec.timeout_s,
         )
-        # Its type's token first: the await never suspends (the bucket has room, or it
-        # raises), so nothing runs between it and the quotas' check.
-        await self._type_limiter.admit(spec.type)
         # Checked and held before the write, with no await in between: concurrent Submits
         # each see the ones before them.
         self._quotas.admit(task)
+        # The type's token last: a bucket's token cannot be handed back, the quotas' hold
+        # can, so a task another check refuses takes nothing of its type's rate. The await
+        # never suspends (the bucket has room, or it raises).
+        try:
+            await self._type_limiter.admit(spec.type)
+        except BaseException:
+            self._quotas.release(task.id)
+            raise
         return task
 
     def _settle(

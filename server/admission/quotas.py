@@ -114,8 +114,8 @@ class TaskQuotas:
                 self._counts[client] = held + 1
 
     def release(self, task_id: str) -> None:
-        """The task admitted was not stored (its write failed, or it was a replay of an
-        idempotency key): all of its hold is given back."""
+        """The task admitted was not stored (a later check refused it, its write failed,
+        or it was a replay of an idempotency key): all of its hold is given back."""
         hold = self._drop(task_id)
         if hold is not None:
             self._give_back(hold, hold.charged)

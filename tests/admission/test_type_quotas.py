@@ -16,7 +16,14 @@ from client._proto.taskring.v1 import tasks_pb2 as pb
 from client._proto.taskring.v1 import tasks_pb2_grpc
 from server.app import App
 from server.backends.base import BackendEvent, Completed
-from server.config_file import FileConfig, RateLimit, TypeQuota, TypeQuotas
+from server.config_file import (
+    FileConfig,
+    Limits,
+    RateLimit,
+    TaskQuota,
+    TypeQuota,
+    TypeQuotas,
+)
 from server.model.task import CustomOutput, Task
 from tests.admission.test_limits import retry_delay_s
 from tests.api.test_dispatch import custom_spec
@@ -26,7 +33,7 @@ MAX_RUNNING = 2
 CHAT_BURST = 2
 
 # Starts an App whose file sets these quotas; the stub to call it.
-StartApp = Callable[[TypeQuotas], Awaitable["tasks_pb2_grpc.TaskServiceAsyncStub"]]
+StartApp = Callable[..., Awaitable["tasks_pb2_grpc.TaskServiceAsyncStub"]]
 
 
 class CountingGate:
@@ -62,15 +69,17 @@ def gate() -> CountingGate:
 
 @pytest.fixture
 async def start_app(tmp_path: Path, gate: CountingGate) -> AsyncIterator[StartApp]:
-    """Starts an App whose file sets `quotas`, on three local members of 8 slots each: room
-    for every task of these tests at once, were it not for the quotas. `gate` runs the
-    custom type "gated"."""
+    """Starts an App whose file sets `quotas` (and `limits`), on three local members of 8
+    slots each: room for every task of these tests at once, were it not for the quotas.
+    `gate` runs the custom type "gated"."""
     apps: list[tuple[App, grpc.aio.Channel]] = []
 
-    async def start(quotas: TypeQuotas) -> tasks_pb2_grpc.TaskServiceAsyncStub:
+    async def start(
+        quotas: TypeQuotas, limits: Limits | None = None
+    ) -> tasks_pb2_grpc.TaskServiceAsyncStub:
         settings = make_settings(tmp_path / "tasks.db")
         app = App(
-            replace(settings, file=FileConfig(quotas=quotas)),
+            replace(settings, file=FileConfig(quotas=quotas, limits=limits or Limits())),
             backends=local_backends(count=3, max_concurrency=8, extra={"gated": gate}),
             dispatch=FAST_RETRY,
         )
@@ -129,3 +138,24 @@ async def test_submits_of_a_type_over_its_rate_are_refused_with_retry_info(
     assert refused.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
     assert refused.error.retry_delay.ToNanoseconds() > 0
     assert stored.created
+
+
+async def test_a_submit_refused_by_another_quota_takes_none_of_its_types_rate(
+    start_app: StartApp, gate: CountingGate
+) -> None:
+    """A type allowing 2 Submits (no refill while the test runs) and a client allowed 1
+    unfinished task: Submits refused for max_queued while the first task holds it leave
+    the type's second token alone, so the next Submit after the first task ends passes."""
+    quotas = TypeQuotas({"gated": TypeQuota(RateLimit(0.001, 2))})
+    stub = await start_app(quotas, Limits(quota=TaskQuota(max_queued=1)))
+    request = pb.SubmitRequest(task=custom_spec("gated"))
+    first = (await stub.Submit(request)).task
+    for _ in range(3):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Submit(request)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_queued" in (caught.value.details() or "")
+    gate.opened.set()
+    assert (await wait_terminal(stub, first.id)).state == pb.TASK_STATE_SUCCEEDED
+    second = (await stub.Submit(request)).task
+    assert (await wait_terminal(stub, second.id)).state == pb.TASK_STATE_SUCCEEDED
