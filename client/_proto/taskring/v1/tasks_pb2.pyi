@@ -869,7 +869,7 @@ class BatchItemError(_message.Message):
     code: _builtins.int
     """The gRPC status code (google.rpc.Code): 3 INVALID_ARGUMENT, 6 ALREADY_EXISTS (the
     idempotency key was used for a different task), 8 RESOURCE_EXHAUSTED (over the client's
-    rate limit).
+    rate limit, its task type's rate limit, its max_queued or its token budget).
     """
     message: _builtins.str
     """What went wrong, for people."""
@@ -881,8 +881,9 @@ class BatchItemError(_message.Message):
 
     @_builtins.property
     def retry_delay(self) -> _duration_pb2.Duration:
-        """For RESOURCE_EXHAUSTED: the wait after which the client's limit has room for the tasks
-        it refused (or for as many as its burst, when they are more).
+        """For RESOURCE_EXHAUSTED: the wait after which the limit that refused the task has room
+        again (for the client's rate limit: room for the tasks it refused, or for as many as
+        its burst, when they are more).
         """
 
     def __init__(
