@@ -60,6 +60,7 @@ class ClientLimiter:
                 f"client {client_id!r} is over its limit of {limit.rate:g} calls per second"
                 f" (burst {limit.burst}); retry after the delay in RetryInfo",
                 1.0 / limit.rate,
+                "rate",
             )
         await bucket.acquire()  # has capacity: returns without waiting
         self._evict_drained()
@@ -90,6 +91,7 @@ class ClientLimiter:
                 f" (burst {limit.burst}), each task of a batch counting as one: {refused} of"
                 f" this batch's tasks were refused; submit them again after retry_delay",
                 min(refused, limit.burst) / limit.rate,
+                "rate",
             ),
         )
 
@@ -133,6 +135,7 @@ class TypeLimiter:
                 f" second across all clients (burst {limit.burst}, [quotas.types]); retry"
                 " after the delay in RetryInfo",
                 1.0 / limit.rate,
+                "type_rate",
             )
         await bucket.acquire()  # has capacity: returns without waiting
 

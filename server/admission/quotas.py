@@ -91,6 +91,7 @@ class TaskQuotas:
                 f" max_queued is {quota.max_queued}; submit more as they finish (retry after"
                 " the delay in RetryInfo)",
                 QUEUE_FULL_RETRY_S,
+                "max_queued",
             )
         need = estimate(task.spec, self._limits.default_max_tokens)
         per_minute = quota.tokens_per_minute
@@ -106,6 +107,7 @@ class TaskQuotas:
                     f" up to {need.max_output} out) and {left} are left; retry after the"
                     " delay in RetryInfo",
                     wait_s,
+                    "token_budget",
                 )
             charged, prompt = need.total, need.prompt
         if counted or charged:

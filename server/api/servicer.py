@@ -15,7 +15,7 @@ from client._proto.taskring.v1 import tasks_pb2_grpc
 from server.admission.auth import Caller
 from server.admission.gate import Gate
 from server.events.hub import EventKind, TaskEvent
-from server.model.errors import InvalidArgumentError, TaskringError
+from server.model.errors import InvalidArgumentError, RateLimitedError, TaskringError
 from server.model.task import Task, TaskSpec
 from server.observability import logs, tracing
 from server.observability.metrics import NO_METRICS, Metrics
@@ -224,7 +224,10 @@ def _asked_type(spec_pb: pb.TaskSpec) -> str:
 
 
 def _reason(error: Exception) -> str:
-    """A refusal's reason, as the metrics count it: its status code's name."""
+    """A refusal's reason, as the metrics count it: its status code's name, and for a limit
+    which one (RESOURCE_EXHAUSTED/max_queued): an operator sees who is held back by what."""
+    if isinstance(error, RateLimitedError):
+        return f"{code_of(error).name}/{error.limit}"
     return code_of(error).name if isinstance(error, TaskringError) else "INTERNAL"
 
 

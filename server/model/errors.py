@@ -76,6 +76,10 @@ class PermissionDeniedError(TaskringError):
 
 
 class RateLimitedError(TaskringError):
-    def __init__(self, message: str, retry_after_s: float) -> None:
+    """Over one of admission's limits; `limit` names which, for the metrics: "rate" (the
+    client's calls per second), "type_rate", "max_queued" or "token_budget"."""
+
+    def __init__(self, message: str, retry_after_s: float, limit: str) -> None:
         self.retry_after_s = retry_after_s
+        self.limit = limit
         super().__init__(message)

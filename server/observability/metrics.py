@@ -16,7 +16,9 @@ Two kinds, so that the request path stays cheap:
     task_executions_active            gauge      task_type, backend
     taskring_queue_depth              gauge      priority (low, normal, high, urgent)
     taskring_submit_requests_total    counter    task_type
-    taskring_submit_rejections_total  counter    reason (a gRPC status code name)
+    taskring_submit_rejections_total  counter    reason (a gRPC status code name; a limit's
+                                                 RESOURCE_EXHAUSTED/rate, /type_rate,
+                                                 /max_queued or /token_budget)
     taskring_stream_watchers          gauge      -
     taskring_backend_healthy          gauge      backend (1 healthy, 0 not)
     taskring_backend_circuit_state    gauge      backend (0 closed, 1 half-open, 2 open)
@@ -90,7 +92,8 @@ class Metrics:
 
     def submit_rejected(self, task_type: str, reason: str) -> None:
         """A Submit (or a task of a SubmitBatch) was refused: `task_type` as asked,
-        `reason` the status code's name."""
+        `reason` the status code's name, RESOURCE_EXHAUSTED/<limit> for a limit (see
+        RateLimitedError)."""
 
 
 NO_METRICS = Metrics()

@@ -29,6 +29,7 @@ from server.config_file import ApiKey, FileConfig, Limits, TaskQuota
 from server.model.task import ChatOutput, Task, Usage
 from tests.admission.test_limits import retry_delay_s
 from tests.conftest import FAST_RETRY, StoreUrl, local_backends, make_settings
+from tests.observability.test_metrics import labels, samples, scrape
 
 KEYS = {client: f"trk_{client}-0123456789abcdefghijklmnopqrstuvwxyz" for client in ("alice", "bob")}
 # A large request: (3,996 bytes / 4 + 4) prompt tokens + 997 out = 2,000 tokens exactly.
@@ -306,6 +307,11 @@ async def test_a_client_at_its_queued_cap_is_refused_until_its_tasks_finish(
     assert all(r.error.retry_delay.ToNanoseconds() == 10**9 for r in batch.results)
     bobs = await stub.Submit(pb.SubmitRequest(task=large_chat()), metadata=bearer("bob"))
     assert bobs.created, "another client's cap is its own"
+    # Operators see which limit refused them.
+    text = await scrape(servers.apps[0].metrics_port)
+    assert samples(text, "taskring_submit_rejections_total") == {
+        labels(reason="RESOURCE_EXHAUSTED/max_queued"): 3.0
+    }
 
     gate.opened.set()
     await finish(stub, held)
