@@ -7,7 +7,7 @@ import base64
 import binascii
 import functools
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence, Set
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from .admission.limits import TypeLimiter
 from .admission.priorities import PriorityCaps
@@ -49,6 +49,20 @@ MAX_BATCH_TASKS = 1000
 # What became of one task of a batch: (the task, created) as Submit answers, or why it
 # was refused.
 BatchOutcome = tuple[Task, bool] | TaskringError
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    """One page of List: its tasks, the token of the next page ("" on the last), and a
+    token for each task that goes on right after it (for a reply cut short)."""
+
+    tasks: list[Task]
+    next_page_token: str
+    _cursors: list[int]
+
+    def token_after(self, index: int) -> str:
+        """The page token that lists the tasks after tasks[index]."""
+        return _encode_page_token(self._cursors[index])
 
 
 class TaskManager:
@@ -239,7 +253,7 @@ class TaskManager:
         types: Set[str],
         page_size: int,
         page_token: str,
-    ) -> tuple[list[Task], str]:
+    ) -> TaskPage:
         if page_size < 0 or page_size > MAX_PAGE_SIZE:
             raise InvalidArgumentError.single("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
         query = ListQuery(
@@ -251,7 +265,7 @@ class TaskManager:
         )
         page = await self._store.list_page(query)
         token = "" if page.next_cursor is None else _encode_page_token(page.next_cursor)
-        return page.tasks, token
+        return TaskPage(page.tasks, token, page.cursors)
 
     async def stats(
         self, client_id: str | None, types: Sequence[str], window_s: float | None

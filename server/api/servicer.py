@@ -28,6 +28,10 @@ _log = logging.getLogger(__name__)
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Context = grpc.aio.ServicerContext[Any, Any]
+# A List reply holds fewer tasks than asked rather than grow past what a gRPC client
+# receives by default (4 MiB): a page of large tasks would otherwise fail, every time.
+# (A single task larger than that still comes alone.)
+MAX_LIST_REPLY_BYTES = 4 * 1024 * 1024 - 64 * 1024
 
 
 def _refuse(context: Context, error: TaskringError) -> None:
@@ -190,10 +194,19 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         self, request: pb.ListRequest, context: Context, caller: Caller
     ) -> pb.ListResponse:
         states = convert.states_from_pb(request.states, "states")
-        tasks, token = await self._tasks.list(
+        page = await self._tasks.list(
             caller.client_id, states, set(request.types), request.page_size, request.page_token
         )
-        return pb.ListResponse(tasks=[convert.task_to_pb(t) for t in tasks], next_page_token=token)
+        listed: list[pb.Task] = []
+        size = 0
+        for index, task in enumerate(page.tasks):
+            message = convert.task_to_pb(task)
+            size += message.ByteSize()
+            if listed and size > MAX_LIST_REPLY_BYTES:
+                # Fewer tasks than asked, and a token that goes on from the first left out.
+                return pb.ListResponse(tasks=listed, next_page_token=page.token_after(index - 1))
+            listed.append(message)
+        return pb.ListResponse(tasks=listed, next_page_token=page.next_page_token)
 
     @_unary
     async def Stats(

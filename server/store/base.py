@@ -26,6 +26,8 @@ class ListPage:
     tasks: list[Task]
     # Pass as ListQuery.before_cursor for the next page; None on the last page.
     next_cursor: int | None
+    # Each task's own cursor: a listing cut short after tasks[i] goes on from cursors[i].
+    cursors: list[int]
 
 
 @dataclass(frozen=True, slots=True)

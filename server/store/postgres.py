@@ -373,7 +373,8 @@ class PostgresTaskStore:
             rows = await self._pool_or_fail().fetch(sql, *p.values)
         page = rows[: query.limit]
         more = len(rows) > query.limit
-        return ListPage([from_row(r) for r in page], page[-1][0] if more and page else None)
+        next_cursor = page[-1][0] if more and page else None
+        return ListPage([from_row(r) for r in page], next_cursor, [r[0] for r in page])
 
     async def stats(self, query: StatsQuery) -> TaskStats:
         p = _Params()

@@ -271,7 +271,8 @@ class SqliteTaskStore:
         rows = await self._read(lambda c: c.execute(sql, params).fetchall())
         page = rows[: query.limit]
         more = len(rows) > query.limit
-        return ListPage([from_row(r) for r in page], page[-1][0] if more and page else None)
+        next_cursor = page[-1][0] if more and page else None
+        return ListPage([from_row(r) for r in page], next_cursor, [r[0] for r in page])
 
     async def stats(self, query: StatsQuery) -> TaskStats:
         return await self._stats_reader.run(lambda c: _stats(c, query))

@@ -192,6 +192,30 @@ async def test_list_filters_by_state_and_type_and_pages_newest_first(server: Run
     assert [t.id for t in embeds.tasks] == [embed.id]
 
 
+async def test_list_of_large_tasks_fits_a_default_client_page_by_page(server: Running) -> None:
+    """Five tasks of ~1.8 MB each (a 900,000-char prompt and its echo): a page of all five
+    would pass the 4 MiB a gRPC client receives by default, and fail every time. The reply
+    holds fewer tasks than asked instead, and its token goes on from the first left out."""
+    ids = []
+    for i in range(5):
+        task = await submit(server.stub, chat_spec(f"{i} " + "x" * 900_000))
+        ids.append(task.id)
+        await wait_terminal(server.stub, task.id)
+
+    pages: list[list[str]] = []
+    token = ""
+    while True:
+        page = await server.stub.List(pb.ListRequest(page_token=token))
+        assert page.ByteSize() <= 4 * 1024 * 1024
+        pages.append([t.id for t in page.tasks])
+        token = page.next_page_token
+        if not token:
+            break
+    assert [i for page_ids in pages for i in page_ids] == list(reversed(ids))
+    assert len(pages) > 1
+    assert all(page_ids for page_ids in pages)
+
+
 @pytest.mark.parametrize(
     ("request_", "field"),
     [

@@ -1044,7 +1044,10 @@ class ListRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """At most this many tasks (default 50, at most 1000)."""
+    """At most this many tasks (default 50, at most 1000). A page of large tasks may hold
+    fewer, so that a reply stays within the 4 MiB a gRPC client receives by default; keep
+    following next_page_token.
+    """
     page_token: _builtins.str
     """The next_page_token of the previous page."""
     @_builtins.property
