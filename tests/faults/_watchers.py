@@ -130,28 +130,28 @@ class Crowd:
 
     @classmethod
     def start(cls, address: str, bait: list[str], tickers: list[str]) -> Crowd:
-        def spawn(mode: str, per_task: int, task_ids: list[str]) -> subprocess.Popen[str]:
-            argv = [address, mode, str(per_task), *task_ids]
-            return subprocess.Popen(
-                [sys.executable, "-m", "tests.faults._watchers", *argv],
-                cwd=ROOT,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
+        stalled = _spawn(address, "stall", STALLED_PER_BAIT, bait)
+        return cls([stalled, _spawn(address, "read", READERS_PER_TICKER, tickers)])
 
-        stalled = spawn("stall", STALLED_PER_BAIT, bait)
-        return cls([stalled, spawn("read", READERS_PER_TICKER, tickers)])
+    @classmethod
+    def readers(cls, address: str, tickers: list[str]) -> Crowd:
+        """Only the reading process (bench/stream_cost.py)."""
+        return cls([_spawn(address, "read", READERS_PER_TICKER, tickers)])
 
     async def stop(self) -> tuple[dict[str, int], dict[str, int]]:
         """Closes their stdin (they cancel their calls); what the stalled and the reading
         process counted."""
+        stalled, read = await self.finish()
+        return stalled, read
+
+    async def finish(self) -> list[dict[str, int]]:
+        """Closes each process's stdin (it cancels its calls); what each counted."""
         results = []
         for process in self.processes:
             out, _ = await asyncio.to_thread(process.communicate, "", 30)
             assert process.returncode == 0, f"watcher process failed: {out!r}"
             results.append(json.loads(out))
-        return results[0], results[1]
+        return results
 
     def kill(self) -> None:
         """Whatever is still running (after a failure): safe to call after stop."""
@@ -162,6 +162,17 @@ class Crowd:
             for pipe in (process.stdin, process.stdout):
                 if pipe is not None:
                     pipe.close()
+
+
+def _spawn(address: str, mode: str, per_task: int, task_ids: list[str]) -> subprocess.Popen[str]:
+    argv = [address, mode, str(per_task), *task_ids]
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.faults._watchers", *argv],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
 
 # ----------------------------------------------------------------- the watcher process
