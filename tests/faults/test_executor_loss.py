@@ -41,12 +41,12 @@ async def placements(server: Running, keys: list[str]) -> dict[str, str]:
     return placed
 
 
-async def wait_in_flight(server: Running, name: str) -> None:
-    """Until `name` is running attempts: killing it then interrupts them."""
+async def wait_in_flight(server: Running, name: str, count: int) -> None:
+    """Until `name` is running `count` attempts: killing it then interrupts them."""
     stub = admin_pb2_grpc.AdminServiceStub(server.channel)
     for _ in range(500):
         listed = (await stub.ListBackends(apb.ListBackendsRequest())).backends
-        if next(b for b in listed if b.config.name == name).in_flight > 0:
+        if next(b for b in listed if b.config.name == name).in_flight >= count:
             return
         await asyncio.sleep(0.005)
     raise AssertionError(f"{name} never got work")
@@ -66,8 +66,10 @@ async def wait_health(server: Running, name: str, healthy: bool) -> None:
 async def test_losing_an_executor_mid_load_loses_nothing_and_its_keys_come_back(
     start_server: StartServer, server_processes: list[ServerProcess]
 ) -> None:
-    # A little time per token so that tasks are in flight on every executor when one dies.
-    executors = [spawn_executor(TASKRING_LOCAL_TOKEN_DELAY_S="0.005") for _ in range(3)]
+    # Time per token, so that tasks are mid-reply on every executor when one dies: at 5 ms
+    # (0.13 s a task) a loaded CI machine once had executor-2's last attempts all but done
+    # when it was killed, and none was retried.
+    executors = [spawn_executor(TASKRING_LOCAL_TOKEN_DELAY_S="0.02") for _ in range(3)]
     server_processes.extend(executors)
     backends: dict[str, Backend] = {
         f"executor-{i}": RemoteBackend(
@@ -89,7 +91,7 @@ async def test_losing_an_executor_mid_load_loses_nothing_and_its_keys_come_back(
     tasks = await asyncio.gather(
         *(submit(server.stub, chat_spec(text, routing_key=f"load-{i}")) for i in range(LOAD))
     )
-    await wait_in_flight(server, "executor-2")
+    await wait_in_flight(server, "executor-2", 8)  # half its slots: a wave mid-reply
     executors[1].kill()
     finals = await asyncio.gather(*(wait_terminal(server.stub, t.id) for t in tasks))
     states = [f.state for f in finals]
