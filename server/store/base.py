@@ -24,10 +24,14 @@ class ListQuery:
 @dataclass(frozen=True, slots=True)
 class ListPage:
     tasks: list[Task]
-    # Pass as ListQuery.before_cursor for the next page; None on the last page.
-    next_cursor: int | None
-    # Each task's own cursor: a listing cut short after tasks[i] goes on from cursors[i].
+    # Each task's own cursor: a listing that goes on after tasks[i] passes cursors[i].
     cursors: list[int]
+    more: bool  # whether tasks after these match the query
+
+    @property
+    def next_cursor(self) -> int | None:
+        """Pass as ListQuery.before_cursor for the next page; None on the last page."""
+        return self.cursors[-1] if self.more and self.cursors else None
 
 
 @dataclass(frozen=True, slots=True)

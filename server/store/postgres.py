@@ -44,6 +44,7 @@ from .rows import (
     UPDATE_SET_COUNT,
     from_row,
     in_dispatch_order,
+    page_of_rows,
     to_row,
     update_params,
 )
@@ -371,10 +372,7 @@ class PostgresTaskStore:
         sql = f"{SELECT} WHERE {' AND '.join(where)} ORDER BY pk DESC LIMIT {p(query.limit + 1)}"
         with _errors("read"):
             rows = await self._pool_or_fail().fetch(sql, *p.values)
-        page = rows[: query.limit]
-        more = len(rows) > query.limit
-        next_cursor = page[-1][0] if more and page else None
-        return ListPage([from_row(r) for r in page], next_cursor, [r[0] for r in page])
+        return page_of_rows(rows, query.limit)
 
     async def stats(self, query: StatsQuery) -> TaskStats:
         p = _Params()

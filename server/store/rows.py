@@ -3,13 +3,14 @@ order, in both stores (the spec, output, error and usage as codec's JSON text)."
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from server.model.aging import dispatch_order
 from server.model.task import Task, TaskState
 
 from . import codec
+from .base import ListPage
 
 # The columns every read selects, after the row's pk.
 COLUMNS = (
@@ -114,3 +115,10 @@ def from_row(row: Iterable[Any]) -> Task:
         not_before=not_before,
         attempts=codec.decode_attempts(attempts),
     )
+
+
+def page_of_rows(rows: Sequence[Any], limit: int) -> ListPage:
+    """The page of `limit` tasks from rows read with one more, whose first column is the
+    cursor (pk): the extra row tells whether another page exists."""
+    page = rows[:limit]
+    return ListPage([from_row(r) for r in page], [r[0] for r in page], len(rows) > limit)

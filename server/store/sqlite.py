@@ -26,6 +26,7 @@ from .rows import (
     UPDATE_SET_COUNT,
     from_row,
     in_dispatch_order,
+    page_of_rows,
     to_row,
     update_params,
 )
@@ -269,10 +270,7 @@ class SqliteTaskStore:
         sql = f"{SELECT} WHERE {' AND '.join(where)} ORDER BY pk DESC LIMIT ?"
         params.append(query.limit + 1)
         rows = await self._read(lambda c: c.execute(sql, params).fetchall())
-        page = rows[: query.limit]
-        more = len(rows) > query.limit
-        next_cursor = page[-1][0] if more and page else None
-        return ListPage([from_row(r) for r in page], next_cursor, [r[0] for r in page])
+        return page_of_rows(rows, query.limit)
 
     async def stats(self, query: StatsQuery) -> TaskStats:
         return await self._stats_reader.run(lambda c: _stats(c, query))
