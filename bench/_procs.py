@@ -11,11 +11,12 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import grpc
 from _console import BenchError, log
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: children run there
@@ -211,3 +212,27 @@ async def server_child(
         await stop_child(proc)
         if proc.returncode not in (0, None):
             log(f"  {name} exited with {proc.returncode}; its log:\n{log_tail(log_path)}")
+
+
+async def bounded_run(
+    work: Awaitable[None], max_seconds: float, left_s: float | None = None
+) -> str:
+    """Runs `work` within the run's --max-seconds (`left_s` of it, when some was spent
+    already), SIGINT and SIGTERM cancelling it; returns why it stopped early ("" if it did
+    not). Children it started are stopped by their own context managers on the way out."""
+    loop = asyncio.get_running_loop()
+    current = asyncio.current_task()
+    assert current is not None
+    # Ours, not asyncio.Runner's: it skips SIGINT when started with SIGINT ignored (`cmd &`).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, current.cancel)
+    try:
+        async with asyncio.timeout(max_seconds if left_s is None else left_s):
+            await work
+    except TimeoutError:
+        return f"--max-seconds ({max_seconds:g}) reached"
+    except asyncio.CancelledError:
+        return "interrupted"
+    except (BenchError, grpc.aio.AioRpcError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return ""

@@ -51,7 +51,6 @@ import json
 import math
 import os
 import secrets
-import signal
 import sys
 import tempfile
 import time
@@ -76,6 +75,7 @@ from _load import Call, chat_request, open_channels, open_loop, raw_unary
 from _procs import (
     LOOPBACK,
     CpuSample,
+    bounded_run,
     log_tail,
     process_cpu_s,
     server_child,
@@ -728,21 +728,8 @@ async def measure(plan: Plan, workdir: Path, phases: list[Phase]) -> None:
 async def main_async(plan: Plan, workdir: Path, phases: list[Phase], max_seconds: float) -> str:
     """Runs both phases within the budget; returns why the run failed ("" if it did not),
     after every child has been stopped."""
-    loop = asyncio.get_running_loop()
-    current = asyncio.current_task()
-    assert current is not None
-    # Ours, not asyncio.Runner's: it skips SIGINT when started with SIGINT ignored (`cmd &`).
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, current.cancel)
-    try:
-        async with asyncio.timeout(max_seconds):
-            await measure(plan, workdir, phases)
-    except TimeoutError:
-        return f"--max-seconds ({max_seconds:g}) reached"
-    except asyncio.CancelledError:
-        return "interrupted"
-    except (BenchError, grpc.aio.AioRpcError, OSError) as exc:
-        return f"{type(exc).__name__}: {exc}"
+    if failure := await bounded_run(measure(plan, workdir, phases), max_seconds):
+        return failure
     if errors := unexpected_errors(phases):
         return f"{errors} Submits failed with an unexpected error (see the table)"
     return ""

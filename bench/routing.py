@@ -42,12 +42,10 @@ when one is missed (0 with --no-gate), 2 when the run failed or stopped early.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import math
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -74,6 +72,7 @@ from _load import Call, TaskFailedError, event_state, open_channels, open_loop
 from _procs import (
     LOOPBACK,
     Server,
+    bounded_run,
     machine_busy_s,
     process_cpu_s,
     server_child,
@@ -608,22 +607,7 @@ def summary(
 async def main_async(plan: Plan, workdir: Path, figures: list[Figures], max_seconds: float) -> str:
     """Runs the measurement within the budget; returns why it stopped early ("" if it did
     not), after every child has been stopped."""
-    loop = asyncio.get_running_loop()
-    current = asyncio.current_task()
-    assert current is not None
-    # Ours, not asyncio.Runner's: it skips SIGINT when started with SIGINT ignored (`cmd &`).
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, current.cancel)
-    try:
-        async with asyncio.timeout(max_seconds):
-            await measure(plan, workdir, figures)
-    except TimeoutError:
-        return f"--max-seconds ({max_seconds:g}) reached"
-    except asyncio.CancelledError:
-        return "interrupted"
-    except (BenchError, grpc.aio.AioRpcError, OSError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return ""
+    return await bounded_run(measure(plan, workdir, figures), max_seconds)
 
 
 def sync_list(text: str) -> tuple[str, ...]:

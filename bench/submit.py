@@ -51,11 +51,9 @@ package); this one parses the options and runs the stages in order:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib.metadata
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -64,8 +62,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import grpc
 
 # Run as `python bench/submit.py` from the repo root, Python puts bench/ (not the root) on
 # sys.path; put the root first so the generated stubs import. bench/ is put there too (run
@@ -81,7 +77,7 @@ from _celery import (
     ensure_celery_python,
 )
 from _console import BenchError, log
-from _procs import LOOPBACK, ROOT
+from _procs import LOOPBACK, ROOT, bounded_run
 from _profile import Profiler, hot_spots, read_text
 from _report import print_table, summary_json
 from _results import Report
@@ -227,21 +223,9 @@ async def run_all(run: Run, report: Report) -> None:
 async def main_async(run: Run, report: Report) -> None:
     """Runs every stage within the budget. A failure, SIGTERM or Ctrl-C is recorded in the
     report (whose figures so far are still printed) after every child has been stopped."""
-    loop = asyncio.get_running_loop()
-    current = asyncio.current_task()
-    assert current is not None
-    # Ours, not asyncio.Runner's: it skips SIGINT when started with SIGINT ignored (`cmd &`).
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, current.cancel)
-    try:
-        async with asyncio.timeout(run.budget_end - time.monotonic()):
-            await run_all(run, report)
-    except TimeoutError:
-        report.failure = f"--max-seconds ({run.args.max_seconds:g}) reached"
-    except asyncio.CancelledError:
-        report.failure = "interrupted"
-    except (BenchError, grpc.aio.AioRpcError, OSError) as exc:
-        report.failure = f"{type(exc).__name__}: {exc}"
+    left_s = run.budget_end - time.monotonic()
+    if failure := await bounded_run(run_all(run, report), run.args.max_seconds, left_s):
+        report.failure = failure
     for label, path in run.profiler.files.items():
         report.profiles[label] = hot_spots(read_text(path), run.args.profile_top)
 
