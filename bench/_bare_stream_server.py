@@ -37,8 +37,9 @@ class TickingTasks:
     def _next_tick(self, task_id: str) -> asyncio.Future[None]:
         tick = self._ticks.get(task_id)
         if tick is None or tick.done():
-            tick = self._ticks[task_id] = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().call_later(TICK_S, tick.set_result, None)
+            loop = asyncio.get_running_loop()
+            tick = self._ticks[task_id] = loop.create_future()
+            loop.call_later(TICK_S, tick.set_result, None)
         return tick
 
     async def stream(
