@@ -11,7 +11,6 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from client._proto.taskring.v1 import tasks_pb2 as pb
-from client._proto.taskring.v1 import tasks_pb2_grpc
 from server.admission.auth import Caller
 from server.admission.gate import Gate
 from server.events.hub import EventKind, TaskEvent
@@ -104,7 +103,14 @@ def _streaming(
     return wrapper
 
 
-class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
+# The methods whose handlers yield their replies as bytes, encoded already: the server
+# sends them as they are (see server.api.server.task_service_handlers).
+ENCODED_REPLIES = frozenset({"Stream"})
+
+
+class TaskServicer:
+    """One method per TaskService RPC (server.api.server registers each by its name)."""
+
     def __init__(self, tasks: TaskManager, gate: Gate, metrics: Metrics = NO_METRICS) -> None:
         self._tasks = tasks
         self._gate = gate
@@ -224,11 +230,13 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
     @_streaming
     async def Stream(
         self, request: pb.StreamRequest, context: Context, caller: Caller
-    ) -> AsyncGenerator[pb.StreamResponse, None]:
+    ) -> AsyncGenerator[bytes, None]:
+        """Yields each StreamResponse encoded (see ENCODED_REPLIES): an event's watchers
+        share one encoding of it."""
         watch = self._tasks.watch(caller.client_id, request.task_id, request.after_sequence)
         async with contextlib.aclosing(watch) as events:
             async for event in events:
-                yield stream_response(event)
+                yield encoded_stream_response(event)
 
 
 def _asked_type(spec_pb: pb.TaskSpec) -> str:
@@ -242,6 +250,14 @@ def _reason(error: Exception) -> str:
     if isinstance(error, RateLimitedError):
         return f"{code_of(error).name}/{error.limit}"
     return code_of(error).name if isinstance(error, TaskringError) else "INTERNAL"
+
+
+def encoded_stream_response(event: TaskEvent) -> bytes:
+    """`event` as a StreamResponse on the wire, encoded by its first watcher only."""
+    encoded = event.memo.get("Stream")
+    if encoded is None:
+        encoded = event.memo["Stream"] = stream_response(event).SerializeToString()
+    return encoded
 
 
 def stream_response(event: TaskEvent) -> pb.StreamResponse:

@@ -9,6 +9,9 @@ import grpc
 import pytest
 
 from client._proto.taskring.v1 import tasks_pb2 as pb
+from server.api.servicer import encoded_stream_response, stream_response
+from server.events.hub import EventHub, EventKind, TaskEvent
+from server.model.task import ChatInput, ChatMessage, ChatOutput, Task, TaskSpec, TaskState
 from tests.conftest import Running, StartServer, chat_spec, submit, wait_terminal, watch_all
 
 
@@ -152,3 +155,47 @@ async def test_resume_beyond_the_current_sequence_is_invalid(server: Running) ->
         await watch_all(server.stub, task.id, after_sequence=events[-1].sequence + 100)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "after_sequence" in (caught.value.details() or "")
+
+
+def test_an_event_is_encoded_once_for_all_its_watchers() -> None:
+    """Every watcher of a task sends the same bytes for an event, encoded by the first: a
+    finished task's 100 KiB reply is not encoded again for each of its watchers."""
+    spec = TaskSpec(type="chat", input=ChatInput("m", (ChatMessage("user", "hi"),)))
+    finished = Task(
+        id="t",
+        client_id="c",
+        spec=spec,
+        state=TaskState.SUCCEEDED,
+        created_at=0,
+        deadline=9,
+        sequence=7,
+        output=ChatOutput("x" * 100_000, "stop"),
+    )
+    event = TaskEvent(EventKind.STATE, finished)
+    encoded = encoded_stream_response(event)
+    assert pb.StreamResponse.FromString(encoded) == stream_response(event)
+    assert encoded_stream_response(event) is encoded
+
+
+async def test_a_coalesced_delta_is_encoded_with_all_its_text() -> None:
+    """A slow watcher's merged delta is an event of its own: it does not reuse the encoding
+    a fast watcher made of the first delta it merged."""
+    spec = TaskSpec(type="chat", input=ChatInput("m", (ChatMessage("user", "hi"),)))
+    running = Task(
+        id="t", client_id="c", spec=spec, state=TaskState.RUNNING, created_at=0, deadline=9
+    )
+    hub = EventHub(coalesce_after=1)
+    with hub.subscribe("t") as fast, hub.subscribe("t") as slow:
+        sent: list[pb.StreamResponse] = []
+        for sequence, text in enumerate(["", "a", "b"], start=1):
+            kind = EventKind.OUTPUT if text else EventKind.STATE
+            hub.publish(TaskEvent(kind, running.evolve(sequence=sequence), text))
+            event = await fast.next_event()
+            assert event is not None
+            sent.append(pb.StreamResponse.FromString(encoded_stream_response(event)))
+        assert [e.output_delta.text for e in sent[1:]] == ["a", "b"]
+        await slow.next_event()  # RUNNING
+        coalesced = await slow.next_event()
+        assert coalesced is not None
+        merged = pb.StreamResponse.FromString(encoded_stream_response(coalesced))
+        assert (merged.sequence, merged.output_delta.text) == (3, "ab")
