@@ -15,7 +15,7 @@ from .backends.factory import BackendConfigError
 from .config import ConfigError, Settings, is_loopback
 from .model.errors import StoreError
 from .tasktypes import TaskTypeConfigError
-from .tls import ServerTls
+from .tls import serving
 
 _log = logging.getLogger("taskring")
 
@@ -42,7 +42,9 @@ async def serve(settings: Settings) -> int:
     _log.info(
         "serving with store %s and backends %s", settings.store.display_url, ", ".join(app.backends)
     )
-    _log_transport(settings.server.tls)
+    _log.info("%s", serving(settings.server.tls))
+    if settings.remote_tls is not None:
+        _log.info("dialling remote executors over TLS, trusting %s", settings.remote_tls.ca_file)
     if settings.file.api_keys:
         _log.info("API keys required: %d configured", len(settings.file.api_keys))
     elif not is_loopback(settings.server.listen):
@@ -57,20 +59,6 @@ async def serve(settings: Settings) -> int:
         _log.info("shutting down (grace %.1fs)", settings.server.shutdown_grace_s)
         await app.stop()
     return 0
-
-
-def _log_transport(tls: ServerTls | None) -> None:
-    if tls is None:
-        _log.info("serving plaintext: TASKRING_TLS_CERT and TASKRING_TLS_KEY turn on TLS")
-    elif tls.client_ca is None:
-        _log.info("serving TLS with the certificate %s", tls.cert_file)
-    else:
-        _log.info(
-            "serving mutual TLS with the certificate %s: clients need a certificate signed"
-            " by a CA in %s",
-            tls.cert_file,
-            tls.client_ca_file,
-        )
 
 
 def main() -> int:

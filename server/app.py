@@ -53,7 +53,7 @@ def configured_backends(
     if not settings.file.backends:
         return default_backends(settings.local, handlers)
     return {
-        spec.name: build_backend(spec, handlers, environ, settings.file)
+        spec.name: build_backend(spec, handlers, environ, settings.file, settings.remote_tls)
         for spec in settings.file.backends
     }
 
@@ -146,7 +146,9 @@ class App:
         self.gate = Gate(Authenticator(settings.file.api_keys), ClientLimiter(settings.file.limits))
         self.admin = AdminServicer(
             members,
-            lambda spec: build_backend(spec, handlers, os.environ, settings.file),
+            lambda spec: build_backend(
+                spec, handlers, os.environ, settings.file, settings.remote_tls
+            ),
             self.gate,
         )
         self.admin.specs.update({spec.name: spec for spec in settings.file.backends})

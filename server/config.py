@@ -38,11 +38,18 @@ variable and raises one ConfigError that names each bad variable and value.
     TASKRING_TLS_CLIENT_CA          PEM CA bundle: mutual TLS, every   (none)
                                     client must present a certificate
                                     it signed (needs the two above)
+    TASKRING_REMOTE_TLS_CA          PEM CA bundle: dial `remote`       (none: plaintext)
+                                    executors over TLS, verifying
+                                    their certificates against it
+    TASKRING_REMOTE_TLS_CERT        PEM client certificate chain and   (none)
+    TASKRING_REMOTE_TLS_KEY         its key, for executors serving
+                                    mutual TLS (need the CA above)
 
 The executor process (`taskring-executor`) reads TASKRING_LOCAL_TOKEN_DELAY_S,
 TASKRING_SHUTDOWN_GRACE_S, TASKRING_LOG_LEVEL, TASKRING_LOG_FORMAT, TASKRING_CONFIG (for its
 task types), TASKRING_METRICS_LISTEN (default 127.0.0.1:9465, beside a router on the same
-host; containers set 0.0.0.0:9464) and:
+host; containers set 0.0.0.0:9464), TASKRING_TLS_CERT, TASKRING_TLS_KEY and
+TASKRING_TLS_CLIENT_CA (as the router's: routers dial it with TASKRING_REMOTE_TLS_*) and:
 
     TASKRING_EXECUTOR_LISTEN        host:port to serve on             127.0.0.1:50061
     TASKRING_EXECUTOR_MAX_CONCURRENCY  attempts it runs at once        64
@@ -58,7 +65,7 @@ from typing import TypeVar
 
 from .config_file import FileConfig, default_retry, read_file_config
 from .dispatch.retry import MAX_ATTEMPTS
-from .tls import ServerTls, read_server_tls
+from .tls import ChannelTls, ServerTls, read_remote_tls, read_server_tls
 
 T = TypeVar("T")
 
@@ -150,12 +157,16 @@ class Settings:
     tasks: TaskLimits = field(default_factory=TaskLimits)
     # From TASKRING_CONFIG; without it, the ring is TASKRING_LOCAL_EXECUTORS local members.
     file: FileConfig = field(default_factory=FileConfig)
+    # How `remote` members are dialled (TASKRING_REMOTE_TLS_*); None: plaintext.
+    remote_tls: ChannelTls | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         reader = _Reader(env)
         tls, tls_problems = read_server_tls(env)
         reader.problems.extend(tls_problems)
+        remote_tls, remote_tls_problems = read_remote_tls(env)
+        reader.problems.extend(remote_tls_problems)
         settings = cls(
             server=ServerSettings(
                 listen=reader.get("TASKRING_LISTEN", "127.0.0.1:50051", _host_port),
@@ -189,6 +200,7 @@ class Settings:
                 max_timeout_s=reader.get("TASKRING_MAX_TIMEOUT_S", 86400.0, _positive),
                 default_max_attempts=reader.get("TASKRING_DEFAULT_MAX_ATTEMPTS", 3, _positive_int),
             ),
+            remote_tls=remote_tls,
         )
         config_path = env.get("TASKRING_CONFIG", "")
         if config_path:
@@ -231,10 +243,14 @@ class ExecutorSettings:
     # As ServerSettings.metrics_listen: from_env's default is 127.0.0.1:9465.
     metrics_listen: str = ""
     file: FileConfig = field(default_factory=FileConfig)
+    # As the router's ServerSettings.tls (TASKRING_TLS_*); None serves plaintext.
+    tls: ServerTls | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ExecutorSettings:
         reader = _Reader(env)
+        tls, tls_problems = read_server_tls(env)
+        reader.problems.extend(tls_problems)
         settings = cls(
             listen=reader.get("TASKRING_EXECUTOR_LISTEN", "127.0.0.1:50061", _host_port),
             max_concurrency=reader.get("TASKRING_EXECUTOR_MAX_CONCURRENCY", 64, _positive_int),
@@ -243,6 +259,7 @@ class ExecutorSettings:
             log_level=reader.get("TASKRING_LOG_LEVEL", "INFO", _one_of(LOG_LEVELS)),
             log_format=reader.get("TASKRING_LOG_FORMAT", "json", _log_format),
             metrics_listen=_metrics_listen(env, reader, EXECUTOR_METRICS_LISTEN),
+            tls=tls,
         )
         config_path = env.get("TASKRING_CONFIG", "")
         if config_path:

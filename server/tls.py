@@ -1,8 +1,13 @@
-"""The server's TLS material: read and checked at start, turned into gRPC credentials.
+"""TLS material, read and checked at start and turned into gRPC credentials: what a router
+or an executor serves with, and what a router dials its remote executors with.
 
     TASKRING_TLS_CERT + TASKRING_TLS_KEY      TLS: clients verify the server
     ... + TASKRING_TLS_CLIENT_CA              mutual TLS: the server also requires a client
                                               certificate signed by this CA
+    TASKRING_REMOTE_TLS_CA                    a router dials `remote` executors over TLS,
+                                              verifying them against this CA
+    ... + TASKRING_REMOTE_TLS_CERT + _KEY     and presents this client certificate (for
+                                              executors serving mutual TLS)
 
 Files are checked with the standard library's `ssl` (OpenSSL) before gRPC sees them, so a
 wrong path, a file that is not PEM or a key that belongs to another certificate stops the
@@ -21,6 +26,9 @@ import grpc
 CERT_VAR = "TASKRING_TLS_CERT"
 KEY_VAR = "TASKRING_TLS_KEY"
 CLIENT_CA_VAR = "TASKRING_TLS_CLIENT_CA"
+REMOTE_CA_VAR = "TASKRING_REMOTE_TLS_CA"
+REMOTE_CERT_VAR = "TASKRING_REMOTE_TLS_CERT"
+REMOTE_KEY_VAR = "TASKRING_REMOTE_TLS_KEY"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +52,34 @@ class ServerTls:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class ChannelTls:
+    """PEM bytes a router dials its remote executors with: the CA bundle their certificates
+    chain to, and for executors that require mutual TLS its own certificate and key."""
+
+    root_certificates: bytes
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = field(default=None, repr=False)
+    ca_file: str = ""
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            self.root_certificates, self.private_key, self.certificate_chain
+        )
+
+
+def serving(tls: ServerTls | None) -> str:
+    """How a process serves, for its start-up log."""
+    if tls is None:
+        return f"serving plaintext: {CERT_VAR} and {KEY_VAR} turn on TLS"
+    if tls.client_ca is None:
+        return f"serving TLS with the certificate {tls.cert_file}"
+    return (
+        f"serving mutual TLS with the certificate {tls.cert_file}: clients need a"
+        f" certificate signed by a CA in {tls.client_ca_file}"
+    )
+
+
 def read_server_tls(env: Mapping[str, str]) -> tuple[ServerTls | None, list[str]]:
     """The TLS settings in `env` (None: plaintext) and every problem with them."""
     cert_file = env.get(CERT_VAR, "").strip()
@@ -63,16 +99,51 @@ def read_server_tls(env: Mapping[str, str]) -> tuple[ServerTls | None, list[str]
     certificate_chain = _read(CERT_VAR, cert_file, problems)
     private_key = _read(KEY_VAR, key_file, problems)
     if certificate_chain is not None and private_key is not None:
-        _check_pair(cert_file, key_file, certificate_chain, problems)
+        _check_pair(CERT_VAR, cert_file, KEY_VAR, key_file, certificate_chain, problems)
     client_ca = None
     if client_ca_file:
         client_ca = _read(CLIENT_CA_VAR, client_ca_file, problems)
         if client_ca is not None:
-            _check_ca(client_ca, client_ca_file, problems)
+            _check_ca(CLIENT_CA_VAR, client_ca, client_ca_file, problems)
     if certificate_chain is None or private_key is None or problems:
         return None, problems
     tls = ServerTls(certificate_chain, private_key, client_ca, cert_file, client_ca_file)
     return tls, []
+
+
+def read_remote_tls(env: Mapping[str, str]) -> tuple[ChannelTls | None, list[str]]:
+    """How `env` says a router dials its remote executors (None: plaintext), and every
+    problem with it."""
+    ca_file = env.get(REMOTE_CA_VAR, "").strip()
+    cert_file = env.get(REMOTE_CERT_VAR, "").strip()
+    key_file = env.get(REMOTE_KEY_VAR, "").strip()
+    if not (ca_file or cert_file or key_file):
+        return None, []
+    problems: list[str] = []
+    if not ca_file:
+        problems.append(
+            f"{REMOTE_CERT_VAR} and {REMOTE_KEY_VAR} need {REMOTE_CA_VAR}: the CA the"
+            " executors' certificates chain to, which turns on TLS to them"
+        )
+    if bool(cert_file) != bool(key_file):
+        problems.append(
+            f"mutual TLS to executors needs both {REMOTE_CERT_VAR} (the router's client"
+            f" certificate chain) and {REMOTE_KEY_VAR} (its private key), as PEM files"
+        )
+    if problems:
+        return None, problems
+    root = _read(REMOTE_CA_VAR, ca_file, problems)
+    if root is not None:
+        _check_ca(REMOTE_CA_VAR, root, ca_file, problems)
+    chain = key = None
+    if cert_file:
+        chain = _read(REMOTE_CERT_VAR, cert_file, problems)
+        key = _read(REMOTE_KEY_VAR, key_file, problems)
+        if chain is not None and key is not None:
+            _check_pair(REMOTE_CERT_VAR, cert_file, REMOTE_KEY_VAR, key_file, chain, problems)
+    if root is None or problems:
+        return None, problems
+    return ChannelTls(root, chain, key, ca_file), []
 
 
 def _named(cert: str, key: str, client_ca: str) -> list[tuple[str, str]]:
@@ -89,31 +160,35 @@ def _read(name: str, path: str, problems: list[str]) -> bytes | None:
 
 
 def _check_pair(
-    cert_file: str, key_file: str, certificate_chain: bytes, problems: list[str]
+    cert_var: str,
+    cert_file: str,
+    key_var: str,
+    key_file: str,
+    certificate_chain: bytes,
+    problems: list[str],
 ) -> None:
-    """OpenSSL loads the pair as a server would: both PEM, the key the certificate's."""
+    """OpenSSL loads the pair as gRPC would: both PEM, the key the certificate's."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         # A password callback that gives none: an encrypted key fails here instead of
         # prompting on the terminal (gRPC cannot use one either).
         context.load_cert_chain(cert_file, key_file, password=lambda: b"")
     except ssl.SSLError as exc:
-        problems.append(_pair_problem(cert_file, key_file, certificate_chain, exc))
+        cert, key = f"{cert_var}={cert_file}", f"{key_var}={key_file}"
+        problems.append(_pair_problem(cert, key, certificate_chain, exc))
 
 
-def _pair_problem(
-    cert_file: str, key_file: str, certificate_chain: bytes, exc: ssl.SSLError
-) -> str:
+def _pair_problem(cert: str, key: str, certificate_chain: bytes, exc: ssl.SSLError) -> str:
+    """`cert` and `key` are the settings as VARIABLE=path."""
     if exc.reason == "KEY_VALUES_MISMATCH":
         return (
-            f"{KEY_VAR}={key_file} is not the private key of {CERT_VAR}={cert_file}:"
-            " give the key the certificate was issued for"
+            f"{key} is not the private key of {cert}: give the key the certificate was issued for"
         )
     # OpenSSL says "PEM lib" for either file: tell which one is not what it should be.
     if _PEM_CERTIFICATE not in certificate_chain:
-        return f"{CERT_VAR}={cert_file}: not a PEM certificate ({_PEM_CERTIFICATE.decode()})"
+        return f"{cert}: not a PEM certificate ({_PEM_CERTIFICATE.decode()})"
     return (
-        f"{KEY_VAR}={key_file}: not an unencrypted PEM private key"
+        f"{key}: not an unencrypted PEM private key"
         " (-----BEGIN PRIVATE KEY-----, or its RSA or EC form)"
     )
 
@@ -121,12 +196,11 @@ def _pair_problem(
 _PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 
 
-def _check_ca(client_ca: bytes, client_ca_file: str, problems: list[str]) -> None:
+def _check_ca(name: str, ca: bytes, ca_file: str, problems: list[str]) -> None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
-        context.load_verify_locations(cadata=client_ca.decode("ascii", errors="replace"))
+        context.load_verify_locations(cadata=ca.decode("ascii", errors="replace"))
     except (ssl.SSLError, ValueError):  # ValueError: nothing in it at all
         problems.append(
-            f"{CLIENT_CA_VAR}={client_ca_file}: no PEM CA certificate in it"
-            f" ({_PEM_CERTIFICATE.decode()})"
+            f"{name}={ca_file}: no PEM CA certificate in it ({_PEM_CERTIFICATE.decode()})"
         )

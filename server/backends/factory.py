@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from server.config import LocalExecutorSettings
 from server.config_file import ANTHROPIC, LOCAL, OPENAI, REMOTE, BackendSpec, FileConfig
 from server.observability import logs
+from server.tls import ChannelTls
 
 from .base import Backend
 from .local import Handler, LocalBackend, LocalModelSettings, builtin_handlers
@@ -37,9 +38,11 @@ def build_backend(
     handlers: Mapping[str, Handler],
     environ: Mapping[str, str],
     file: FileConfig,
+    remote_tls: ChannelTls | None = None,
 ) -> Backend:
     """One member from its spec. `handlers` are the task types in-process members run;
-    `file` gives prices and the directory relative secret files are found in. Raises
+    `file` gives prices and the directory relative secret files are found in; `remote`
+    members are dialled over TLS with `remote_tls`, in plaintext without. Raises
     ValueError (the message names the setting, never a secret) when it cannot be built."""
     if spec.kind == LOCAL:
         missing = spec.task_types - set(handlers)
@@ -56,6 +59,7 @@ def build_backend(
             address=spec.address,
             max_concurrency=spec.max_concurrency,
             task_types=spec.task_types,
+            credentials=None if remote_tls is None else remote_tls.credentials(),
         )
     if spec.kind in (OPENAI, ANTHROPIC):
         # Imported only when configured: the SDKs take ~1.5 s to import, which every

@@ -59,12 +59,18 @@ class RemoteBackend(BackendBase):
         max_concurrency: int,
         task_types: frozenset[str],
         clock: Clock | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        """`credentials` dial the executor over TLS; without, in plaintext."""
         super().__init__(name, max_concurrency, task_types)
         self.address = address
         self._clock = clock or SystemClock()
         # One HTTP/2 connection multiplexes every attempt; gRPC reconnects it with backoff.
-        self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        # The member's health checks (Members' HealthWatcher) use it too: the same TLS.
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        else:
+            self.channel = grpc.aio.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
         self._stub = executor_pb2_grpc.ExecutorServiceStub(self.channel)
 
     def __repr__(self) -> str:

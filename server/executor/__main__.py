@@ -13,6 +13,7 @@ from server import process
 from server.config import ConfigError, ExecutorSettings
 from server.observability import tracing
 from server.tasktypes import TaskTypeConfigError
+from server.tls import serving
 
 from .app import ExecutorApp
 
@@ -38,6 +39,7 @@ async def serve(settings: ExecutorSettings) -> int:
     # Tests and scripts read this line to learn the port (TASKRING_EXECUTOR_LISTEN=...:0).
     print(f"taskring executor listening on {app.address}", flush=True)
     _log.info("running task types %s", ", ".join(sorted(app.backend.task_types)))
+    _log.info("%s", serving(settings.tls))
     try:
         await stop.wait()
     finally:

@@ -90,7 +90,11 @@ class ExecutorApp:
         return f"{self.settings.listen.rpartition(':')[0]}:{self.port}"
 
     async def start(self) -> None:
-        self.port = self.server.add_insecure_port(self.settings.listen)
+        tls = self.settings.tls
+        if tls is None:
+            self.port = self.server.add_insecure_port(self.settings.listen)
+        else:
+            self.port = self.server.add_secure_port(self.settings.listen, tls.credentials())
         if self.metrics_endpoint is not None:
             await self.metrics_endpoint.start()
             self.metrics_port = self.metrics_endpoint.port
