@@ -205,7 +205,12 @@ def watched_text(events: list[pb.StreamResponse]) -> str:
 
 async def wait_terminal(stub: tasks_pb2_grpc.TaskServiceAsyncStub, task_id: str) -> pb.Task:
     """The task's final state, seen on Stream (no polling)."""
-    events = await watch_all(stub, task_id)
+    return final_task(await watch_all(stub, task_id))
+
+
+def final_task(events: list[pb.StreamResponse]) -> pb.Task:
+    """The task as a whole Stream left it: its last state change, or the snapshot alone
+    when the task had finished before the watch began (a fast executor can beat it)."""
     last = events[-1]
     return last.snapshot if last.HasField("snapshot") else last.state_changed.task
 

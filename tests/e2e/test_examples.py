@@ -19,6 +19,7 @@ from client._proto.taskring.v1 import tasks_pb2_grpc
 from tests.conftest import (
     ROOT,
     ServerProcess,
+    final_task,
     spawn_executor,
     spawn_server,
     wait_terminal,
@@ -76,7 +77,7 @@ async def test_summarize_runs_on_a_remote_executor(
         stub = tasks_pb2_grpc.TaskServiceStub(channel)
         task = (await stub.Submit(pb.SubmitRequest(task=summarize_spec(text=TEXT)))).task
         events = [e async for e in stub.Stream(pb.StreamRequest(task_id=task.id))]
-        final = events[-1].state_changed.task
+        final = final_task(events)
         assert final.state == pb.TASK_STATE_SUCCEEDED, final.error
         assert final.backend == "executor-1"
         output = final.output.custom

@@ -15,7 +15,14 @@ from server.config import ExecutorSettings
 from server.executor.app import ExecutorApp
 from server.model.task import CustomOutput, Task
 from tests.api.test_dispatch import Gate, custom_spec
-from tests.conftest import StartServer, chat_spec, submit, wait_terminal, watched_text
+from tests.conftest import (
+    StartServer,
+    chat_spec,
+    final_task,
+    submit,
+    wait_terminal,
+    watched_text,
+)
 
 CHAT_AND_EMBED = frozenset({"chat", "embed"})
 
@@ -53,7 +60,7 @@ async def test_chat_streams_through_a_remote_executor(
     server = await start_server({"remote-1": remote(executor, "remote-1")})
     task = await submit(server.stub, chat_spec("three little words"))
     events = [e async for e in server.stub.Stream(pb.StreamRequest(task_id=task.id))]
-    final = events[-1].state_changed.task
+    final = final_task(events)
     assert final.state == pb.TASK_STATE_SUCCEEDED
     assert final.backend == "remote-1"
     assert watched_text(events) == final.output.chat.text == "[local-echo] three little words"
