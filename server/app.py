@@ -42,6 +42,7 @@ from .store.postgres import PostgresTaskStore
 from .store.sqlite import SqliteTaskStore
 from .tasks import TaskManager
 from .tasktypes import TaskTypes
+from .tls import add_port
 
 _log = logging.getLogger(__name__)
 
@@ -175,11 +176,7 @@ class App:
     async def start(self) -> None:
         # The port first: a second server started by mistake fails here, before it touches
         # the store.
-        listen, tls = self.settings.server.listen, self.settings.server.tls
-        if tls is None:
-            self.port = self.server.add_insecure_port(listen)
-        else:
-            self.port = self.server.add_secure_port(listen, tls.credentials())
+        self.port = add_port(self.server, self.settings.server.listen, self.settings.server.tls)
         if self.metrics_endpoint is not None:
             await self.metrics_endpoint.start()
             self.metrics_port = self.metrics_endpoint.port

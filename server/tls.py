@@ -68,6 +68,13 @@ class ChannelTls:
         )
 
 
+def add_port(server: grpc.aio.Server, listen: str, tls: ServerTls | None) -> int:
+    """Binds `listen` on `server`, with TLS when `tls` is given; the port bound."""
+    if tls is None:
+        return server.add_insecure_port(listen)
+    return server.add_secure_port(listen, tls.credentials())
+
+
 def serving(tls: ServerTls | None) -> str:
     """How a process serves, for its start-up log."""
     if tls is None:

@@ -24,6 +24,7 @@ from server.observability.metrics import (
 )
 from server.observability.tracing import tracing_for
 from server.tasktypes import TaskTypes
+from server.tls import add_port
 
 from .service import ExecutorServicer
 
@@ -90,11 +91,7 @@ class ExecutorApp:
         return f"{self.settings.listen.rpartition(':')[0]}:{self.port}"
 
     async def start(self) -> None:
-        tls = self.settings.tls
-        if tls is None:
-            self.port = self.server.add_insecure_port(self.settings.listen)
-        else:
-            self.port = self.server.add_secure_port(self.settings.listen, tls.credentials())
+        self.port = add_port(self.server, self.settings.listen, self.settings.tls)
         if self.metrics_endpoint is not None:
             await self.metrics_endpoint.start()
             self.metrics_port = self.metrics_endpoint.port
