@@ -17,8 +17,9 @@ from server.observability.tracing import ServerTracing, Tracing
 from .admin import AdminServicer
 from .servicer import ENCODED_REPLIES, TaskServicer
 
+TASK_SERVICE = tasks_pb2.DESCRIPTOR.services_by_name["TaskService"]
 # Readiness probes ask for this name; liveness asks for "" (the whole process).
-READINESS_SERVICE = tasks_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name
+READINESS_SERVICE = TASK_SERVICE.full_name
 LIVENESS_SERVICE = ""
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -76,7 +77,7 @@ def task_service_handlers(servicer: TaskServicer) -> dict[str, grpc.RpcMethodHan
     methods in ENCODED_REPLIES are sent as the servicer encoded them. (An RPC added to the
     proto without its servicer method fails here, at start.)"""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-    for method in tasks_pb2.DESCRIPTOR.services_by_name["TaskService"].methods:
+    for method in TASK_SERVICE.methods:
         if method.client_streaming:
             raise TypeError(f"TaskService.{method.name}: no handler for client streaming")
         request = GetMessageClass(method.input_type)
@@ -103,9 +104,9 @@ def build_server(
     server = new_server(tracing)
     handlers = task_service_handlers(servicer)
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(READINESS_SERVICE, handlers),)
+        (grpc.method_handlers_generic_handler(TASK_SERVICE.full_name, handlers),)
     )
-    server.add_registered_method_handlers(READINESS_SERVICE, handlers)
+    server.add_registered_method_handlers(TASK_SERVICE.full_name, handlers)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
     reflection.enable_server_reflection(
