@@ -23,6 +23,16 @@ def server_env(pki: Pki, *, mutual: bool = False) -> dict[str, str]:
     return env
 
 
+def remote_env(pki: Pki, *, client_cert: bool = True) -> dict[str, str]:
+    """A router's TASKRING_REMOTE_TLS_*: trust the test CA, and present its client
+    certificate unless told not to."""
+    env = {"TASKRING_REMOTE_TLS_CA": str(pki.ca)}
+    if client_cert:
+        env["TASKRING_REMOTE_TLS_CERT"] = str(pki.client_cert)
+        env["TASKRING_REMOTE_TLS_KEY"] = str(pki.client_key)
+    return env
+
+
 def server_tls(pki: Pki, *, mutual: bool = False) -> ServerTls:
     """The settings a router reads from `server_env`, read the way it reads them."""
     tls, problems = read_server_tls(server_env(pki, mutual=mutual))

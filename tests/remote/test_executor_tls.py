@@ -13,22 +13,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from client._proto.taskring.v1 import admin_pb2 as apb
 from client._proto.taskring.v1 import admin_pb2_grpc, tasks_pb2_grpc
 from client._proto.taskring.v1 import tasks_pb2 as pb
-from server.config import ConfigError, Settings
 from tests.conftest import ServerProcess, chat_spec, spawn_executor, spawn_server, wait_terminal
-from tests.tls import server_env
+from tests.tls import remote_env, server_env
 from tests.tls_certs import Pki
 
 pytestmark = pytest.mark.slow
-
-
-def remote_env(pki: Pki, *, client_cert: bool = True) -> dict[str, str]:
-    """A router's TASKRING_REMOTE_TLS_*: trust the test CA, and present its client
-    certificate unless told not to."""
-    env = {"TASKRING_REMOTE_TLS_CA": str(pki.ca)}
-    if client_cert:
-        env["TASKRING_REMOTE_TLS_CERT"] = str(pki.client_cert)
-        env["TASKRING_REMOTE_TLS_KEY"] = str(pki.client_key)
-    return env
 
 
 def ring_of(tmp_path: Path, executor: ServerProcess) -> str:
@@ -121,36 +110,3 @@ async def test_an_executor_serving_mutual_tls_refuses_callers_without_its_cas_ce
                 health_pb2.HealthCheckRequest(), timeout=5
             )
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-
-
-def test_remote_tls_settings_are_read_and_checked_at_start(pki: Pki) -> None:
-    remote = Settings.from_env(remote_env(pki)).remote_tls
-    assert remote is not None
-    assert remote.root_certificates == pki.ca.read_bytes()
-    assert remote.certificate_chain == pki.client_cert.read_bytes()
-    assert "PRIVATE KEY" not in repr(remote)
-    assert Settings.from_env({}).remote_tls is None  # plaintext by default
-
-
-@pytest.mark.parametrize(
-    ("change", "named"),
-    [
-        ({"TASKRING_REMOTE_TLS_CA": ""}, "need TASKRING_REMOTE_TLS_CA"),
-        ({"TASKRING_REMOTE_TLS_KEY": ""}, "needs both TASKRING_REMOTE_TLS_CERT"),
-        ({"TASKRING_REMOTE_TLS_CA": "{client_key}"}, "TASKRING_REMOTE_TLS_CA="),
-        ({"TASKRING_REMOTE_TLS_KEY": "{other_client_key}"}, "is not the private key of"),
-        ({"TASKRING_REMOTE_TLS_CERT": "/nonexistent.pem"}, "cannot read"),
-    ],
-)
-def test_a_wrong_remote_tls_setting_stops_the_start_naming_it(
-    pki: Pki, change: dict[str, str], named: str
-) -> None:
-    files = {"client_key": pki.client_key, "other_client_key": pki.other_client_key}
-    env = remote_env(pki)
-    env.update({name: value.format(**files) for name, value in change.items()})
-    with pytest.raises(ConfigError) as caught:
-        Settings.from_env(env)
-    assert len(caught.value.problems) == 1, caught.value.problems
-    problem = caught.value.problems[0]
-    assert named in problem
-    assert "PRIVATE KEY" not in problem  # names files, never their content

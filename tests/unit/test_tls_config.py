@@ -1,4 +1,5 @@
-"""TASKRING_TLS_*: read at start, and every mistake stops the start naming the variable."""
+"""TASKRING_TLS_* and TASKRING_REMOTE_TLS_*: read at start, and every mistake stops the
+start naming the variable."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from server.config import ConfigError, Settings
 from tests.conftest import ROOT
-from tests.tls import server_env
+from tests.tls import remote_env, server_env
 from tests.tls_certs import Pki
 
 
@@ -133,3 +134,33 @@ def test_the_server_command_exits_2_naming_a_bad_tls_file(tmp_path: Path, pki: P
     assert result.returncode == 2
     assert f"TASKRING_TLS_CERT={missing}: cannot read" in result.stderr
     assert "listening" not in result.stdout
+
+
+def test_remote_tls_settings_are_read_and_checked_at_start(pki: Pki) -> None:
+    remote = Settings.from_env(remote_env(pki)).remote_tls
+    assert remote is not None
+    assert remote.root_certificates == pki.ca.read_bytes()
+    assert remote.certificate_chain == pki.client_cert.read_bytes()
+    assert "PRIVATE KEY" not in repr(remote)
+    assert Settings.from_env({}).remote_tls is None  # plaintext by default
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"TASKRING_REMOTE_TLS_CA": ""}, "need TASKRING_REMOTE_TLS_CA"),
+        ({"TASKRING_REMOTE_TLS_KEY": ""}, "needs both TASKRING_REMOTE_TLS_CERT"),
+        ({"TASKRING_REMOTE_TLS_CA": "{client_key}"}, "TASKRING_REMOTE_TLS_CA="),
+        ({"TASKRING_REMOTE_TLS_KEY": "{other_client_key}"}, "is not the private key of"),
+        ({"TASKRING_REMOTE_TLS_CERT": "/nonexistent.pem"}, "cannot read"),
+    ],
+)
+def test_a_wrong_remote_tls_setting_stops_the_start_naming_it(
+    pki: Pki, change: dict[str, str], named: str
+) -> None:
+    files = {"client_key": pki.client_key, "other_client_key": pki.other_client_key}
+    env = remote_env(pki)
+    env.update({name: value.format(**files) for name, value in change.items()})
+    problem = problems_of(env)
+    assert named in problem
+    assert "PRIVATE KEY" not in problem  # names files, never their content
