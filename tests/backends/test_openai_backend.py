@@ -99,6 +99,16 @@ async def test_chat_streams_chunks_then_completed(backend: OpenAIBackend) -> Non
     assert last.output == ChatOutput("hello brave new world", "stop")
 
 
+async def test_chat_replies_reuse_one_connection(fake: FakeOpenAI, backend: OpenAIBackend) -> None:
+    """A finished stream hands its connection back to the pool: the next request does not
+    open a new one (a stream closed before its last bytes were read cannot be reused)."""
+    for _ in range(3):
+        await run(backend, chat())
+    peers = {request.peer for request in fake.requests}
+    assert len(fake.requests) == 3
+    assert len(peers) == 1, f"each request came on a new connection: {peers}"
+
+
 async def test_usage_and_cost_come_from_the_price_table(backend: OpenAIBackend) -> None:
     """Usage is the server's count; the cost is tokens x the model's price per million."""
     *_, last = await run(backend, chat("hello brave new world"))

@@ -90,6 +90,8 @@ class RecordedRequest:
     path: str
     headers: CIMultiDictProxy[str]  # case-insensitive: headers["authorization"]
     body: Any
+    # The client's address and port: requests on one kept-alive connection share it.
+    peer: tuple[str, int] | None = None
 
 
 class ScriptedServer:
@@ -157,7 +159,13 @@ class ScriptedServer:
         body = await request.json()
         if self.record:
             self.requests.append(
-                RecordedRequest(request.method, request.path, request.headers, body)
+                RecordedRequest(
+                    request.method,
+                    request.path,
+                    request.headers,
+                    body,
+                    request.transport.get_extra_info("peername") if request.transport else None,
+                )
             )
         model = body.get("model", "") if isinstance(body, dict) else ""
         behaviour = self._by_model.get(model)
