@@ -31,6 +31,8 @@ from .providers import (
     PriceTable,
     ProviderMember,
     provider_message,
+    timed_out,
+    transport_error,
 )
 
 SUPPORTED_TASK_TYPES = frozenset({CHAT})
@@ -110,7 +112,7 @@ class AnthropicBackend(ProviderMember):
             base_url=self.base_url,
             timeout=timeout_s,
             max_retries=0,
-            http_client=anthropic.DefaultAsyncHttpxClient(limits=self._connection_limits()),
+            http_client=anthropic.DefaultAioHttpClient(limits=self._connection_limits()),
         )
 
     async def aclose(self) -> None:
@@ -184,7 +186,7 @@ class AnthropicBackend(ProviderMember):
     def _translate(self, exc: BaseException) -> BackendError:
         """The one place where the SDK's errors become ours (see providers.py for the table)."""
         errors = self._errors
-        if isinstance(exc, anthropic.APITimeoutError | httpx2.TimeoutException):
+        if isinstance(exc, anthropic.APITimeoutError | httpx2.TimeoutException) and timed_out(exc):
             return errors.timeout(self._timeout_s)
         if isinstance(exc, anthropic.APIStatusError):
             message = provider_message(exc.body, exc.message)
@@ -195,8 +197,7 @@ class AnthropicBackend(ProviderMember):
             what = f"{exc.type} in the stream"
             return errors.status(status, message, exc.response.headers, what=what)
         if isinstance(exc, anthropic.APIConnectionError | httpx2.TransportError):
-            cause = exc if isinstance(exc, httpx2.TransportError) else exc.__cause__
-            return errors.connection(self.base_url, cause)
+            return errors.connection(self.base_url, transport_error(exc))
         if isinstance(exc, anthropic.APIResponseValidationError | json.JSONDecodeError):
             return errors.unavailable("the provider sent a malformed response")
         return errors.unavailable(type(exc).__name__)

@@ -33,6 +33,8 @@ from .providers import (
     PriceTable,
     ProviderMember,
     provider_message,
+    timed_out,
+    transport_error,
 )
 
 SUPPORTED_TASK_TYPES = frozenset({CHAT, EMBED})
@@ -127,7 +129,7 @@ class OpenAIBackend(ProviderMember):
             base_url=self.base_url,
             timeout=timeout_s,
             max_retries=0,
-            http_client=openai.DefaultAsyncHttpxClient(limits=self._connection_limits()),
+            http_client=openai.DefaultAioHttpClient(limits=self._connection_limits()),
         )
 
     async def aclose(self) -> None:
@@ -236,14 +238,13 @@ class OpenAIBackend(ProviderMember):
     def _translate(self, exc: BaseException) -> BackendError:
         """The one place where the SDK's errors become ours (see providers.py for the table)."""
         errors = self._errors
-        if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
+        if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException) and timed_out(exc):
             return errors.timeout(self._timeout_s)
         if isinstance(exc, openai.APIStatusError):
             message = provider_message(exc.body, exc.message)
             return errors.status(exc.status_code, message, exc.response.headers)
         if isinstance(exc, openai.APIConnectionError | httpx2.TransportError):
-            cause = exc if isinstance(exc, httpx2.TransportError) else exc.__cause__
-            return errors.connection(self.base_url, cause)
+            return errors.connection(self.base_url, transport_error(exc))
         if isinstance(exc, openai.APIResponseValidationError | json.JSONDecodeError):
             return errors.unavailable("the provider sent a malformed response")
         if isinstance(exc, _StreamError):

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import ClassVar, Protocol
 
+import aiohttp
 import httpx2
 
 from server.clock import Clock, SystemClock
@@ -255,6 +256,25 @@ class ProviderErrors:
 
     def incomplete(self) -> BackendError:
         return self.unavailable("the stream ended before the reply was finished")
+
+
+def transport_error(exc: BaseException) -> BaseException:
+    """The HTTP library's own error under an SDK's (the last of its causes)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def timed_out(exc: BaseException) -> bool:
+    """Whether a call that failed with one of the SDK's or httpx's timeout errors really ran
+    out of time. The SDKs' aiohttp transport reports every aiohttp connection error as
+    httpx's ConnectTimeout, a refused connection too; aiohttp's timeouts are TimeoutErrors."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, aiohttp.ClientError):
+            return isinstance(cause, TimeoutError)
+        cause = cause.__cause__
+    return True
 
 
 def validate_task_types(kind: str, wanted: frozenset[str], supported: frozenset[str]) -> None:

@@ -5,6 +5,7 @@ parameters, and every failure class."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import traceback
 from collections.abc import AsyncIterator
@@ -243,6 +244,36 @@ async def test_stream_that_stalls_times_out(backend: AnthropicBackend, fake: Fak
     fake.script(BreakStream(after_tokens=2, how="stall"))
     error = await failure(backend, chat())
     assert error.error.code == "BACKEND_TIMEOUT"
+
+
+async def test_refused_connection_is_unavailable() -> None:
+    """Nothing listening on the port: a retryable fault of the backend, not a timeout (the
+    SDK's aiohttp transport calls every connection error a ConnectTimeout)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    backend = make_backend(f"http://127.0.0.1:{port}")
+    try:
+        error = await failure(backend, chat())
+    finally:
+        await backend.aclose()
+    assert (error.error.code, error.error.retryable, error.backend_fault) == (
+        "BACKEND_UNAVAILABLE",
+        True,
+        True,
+    )
+    assert "ConnectionRefusedError" in error.error.message
+
+
+async def test_chat_replies_reuse_one_connection(
+    fake: FakeAnthropic, backend: AnthropicBackend
+) -> None:
+    """A finished stream hands its connection back to the pool for the next request."""
+    for _ in range(3):
+        await run(backend, chat())
+    peers = {request.peer for request in fake.requests}
+    assert len(fake.requests) == 3
+    assert len(peers) == 1, f"each request came on a new connection: {peers}"
 
 
 # -- keys stay secret --------------------------------------------------------------------

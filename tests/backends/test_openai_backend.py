@@ -258,7 +258,8 @@ async def test_stream_that_stalls_times_out(backend: OpenAIBackend, fake: FakeOp
 
 
 async def test_refused_connection_is_unavailable() -> None:
-    """Nothing listening on the port: a retryable fault of the backend."""
+    """Nothing listening on the port: a retryable fault of the backend, not a timeout (the
+    SDK's aiohttp transport calls every connection error a ConnectTimeout)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -272,6 +273,7 @@ async def test_refused_connection_is_unavailable() -> None:
         True,
         True,
     )
+    assert "ConnectionRefusedError" in error.error.message
 
 
 # -- keys stay secret --------------------------------------------------------------------
