@@ -148,6 +148,10 @@ def configure(level: str, log_format: str, stream: TextIO | None = None) -> None
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # httpx2, under the provider SDKs, logs each request at INFO: a line per task that
+    # says nothing the metrics do not (and ~3% of a busy router's loop). Kept for DEBUG.
+    quiet = logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING
+    logging.getLogger("httpx2").setLevel(quiet)
     # warnings.warn() output would otherwise be plain text on stderr.
     logging.captureWarnings(True)
 

@@ -230,23 +230,42 @@ def test_the_path_of_the_tls_key_stays_readable_in_logs() -> None:
     assert secrets(text) == text
 
 
-def test_configure_sends_every_logger_to_the_stream_as_json() -> None:
+def configured_lines(level: str, *logged: tuple[str, int, str]) -> list[dict[str, Any]]:
+    """The JSON lines `logged` (logger, level, message) leave after logs.configure(level)."""
     stream = io.StringIO()
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
     try:
-        logs.configure("INFO", "json", stream)
-        logging.getLogger("some.library").info("hello %s", "there")
-        logging.getLogger("some.library").debug("not at INFO")
+        logs.configure(level, "json", stream)
+        for name, at, message in logged:
+            logging.getLogger(name).log(at, message)
     finally:
         for handler in list(root.handlers):
             root.removeHandler(handler)
         for handler in saved[0]:
             root.addHandler(handler)
         root.setLevel(saved[1])
+        logging.getLogger("httpx2").setLevel(logging.NOTSET)
         logging.captureWarnings(False)
-    [line] = [json.loads(text) for text in stream.getvalue().splitlines()]
+    return [json.loads(text) for text in stream.getvalue().splitlines()]
+
+
+def test_configure_sends_every_logger_to_the_stream_as_json() -> None:
+    [line] = configured_lines(
+        "INFO",
+        ("some.library", logging.INFO, "hello there"),
+        ("some.library", logging.DEBUG, "not at INFO"),
+    )
     assert (line["logger"], line["message"]) == ("some.library", "hello there")
+
+
+def test_the_http_client_logs_no_line_per_request_unless_debugging() -> None:
+    """httpx2 logs every provider request at INFO; at INFO the server shows only its
+    warnings, and at DEBUG everything."""
+    request = ("httpx2", logging.INFO, 'HTTP Request: POST http://x/v1 "HTTP/1.1 200 OK"')
+    trouble = ("httpx2", logging.WARNING, "something went wrong")
+    assert [x["message"] for x in configured_lines("INFO", request, trouble)] == [trouble[2]]
+    assert len(configured_lines("DEBUG", request, trouble)) == 2
 
 
 def test_log_format_is_a_setting_of_both_processes() -> None:
