@@ -176,6 +176,31 @@ def submit_and_wait_call(
     return call
 
 
+def submit_and_stream_call(
+    channels: Sequence[grpc.aio.Channel], request: tasks_pb2.SubmitRequest
+) -> Call:
+    """The same task in one SubmitAndStream call: the submit, then its events on the same
+    call, until SUCCEEDED (how a caller that waits for the result submits)."""
+    stubs: list[tasks_pb2_grpc.TaskServiceAsyncStub] = [
+        tasks_pb2_grpc.TaskServiceStub(channel) for channel in channels
+    ]
+    combined = tasks_pb2.SubmitAndStreamRequest(task=request.task)
+
+    async def call(index: int) -> float:
+        succeeded_at: float | None = None
+        async for reply in stubs[index % len(stubs)].SubmitAndStream(combined):
+            state = event_state(reply.event)
+            if state == SUCCEEDED:
+                succeeded_at = time.perf_counter()
+            elif state in FAILED_STATES:
+                raise TaskFailedError(f"task ended {tasks_pb2.TaskState.Name(state)}")
+        if succeeded_at is None:
+            raise TaskFailedError("stream ended before SUCCEEDED")
+        return succeeded_at
+
+    return call
+
+
 def chat_request() -> tasks_pb2.SubmitRequest:
     """The task every Submit sends: a one-message chat for the built-in local-echo model."""
     message = tasks_pb2.ChatMessage(role="user", content="hi")

@@ -18,6 +18,7 @@ from _load import (
     open_channels,
     open_loop,
     raw_unary,
+    submit_and_stream_call,
     submit_and_wait_call,
     unary_bytes_call,
     wait_until_idle,
@@ -52,6 +53,9 @@ class LoadSettings:
     echo_bytes: int
     quiet_wait_s: float
     quiet_pct: float
+    # How the e2e and rate stages submit and wait: "submit-stream" (a Submit, then a
+    # Stream of the task) or "submit-and-stream" (one SubmitAndStream call).
+    e2e_call: str = "submit-stream"
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,13 +159,20 @@ def submit_load(settings: LoadSettings, channels: Sequence[grpc.aio.Channel]) ->
     return Load(call, settings.unary_n, settings.unary_concurrency, settings.warmup_n)
 
 
+def e2e_call(settings: LoadSettings, channels: Sequence[grpc.aio.Channel]) -> Call:
+    """One task submitted and waited for to SUCCEEDED, the way settings.e2e_call says."""
+    if settings.e2e_call == "submit-and-stream":
+        return submit_and_stream_call(channels, chat_request())
+    return submit_and_wait_call(channels, chat_request())
+
+
 async def e2e_stage(
     settings: LoadSettings, srv: Server, profiler: Profiler, report: Report
 ) -> None:
     """Submit + Stream until SUCCEEDED, closed loop, for each concurrency of the sweep."""
     quiet = (settings.quiet_wait_s, settings.quiet_pct)
     async with open_channels(srv.address, settings.channel_counts[0]) as channels:
-        call = submit_and_wait_call(channels, chat_request())
+        call = e2e_call(settings, channels)
         for i, k in enumerate(settings.e2e_concurrency):
             await wait_until_idle(channels[0])
             warmup_n = min(settings.warmup_n, settings.e2e_n) if i == 0 else 0
@@ -180,7 +191,7 @@ async def rate_stage(
     async with open_channels(srv.address, settings.channel_counts[0]) as channels:
         await wait_until_idle(channels[0])
         await wait_for_quiet(settings.quiet_wait_s, settings.quiet_pct)
-        call = submit_and_wait_call(channels, chat_request())
+        call = e2e_call(settings, channels)
         async with profiler.record(srv.pid, f"rate-{settings.rate:g}"):
             before = CpuSample.take(srv.pid)
             run = await open_loop(call, settings.rate, n_warmup, n_measured)

@@ -12,6 +12,8 @@ In one run, on loopback, with the same load client (grpc.aio on uvloop, one proc
           of a sweep; tasks/s from the first Submit to the last SUCCEEDED seen;
   rate    one Submit every 1/rate s (open loop: send times computed from the start), each
           followed by a Stream until SUCCEEDED; latency from just before Submit to SUCCEEDED;
+          (e2e and rate: with --e2e-call submit-and-stream, one SubmitAndStream call per
+          task instead, as a client that waits for its result would call)
   observ  Submit as above without, then with, metrics and tracing (OTLP to bench/_otlp_sink.py,
           default sampling), a fresh server each, in turns; goal: on / off >= 0.9;
   celery  ../shared/bench/celery_baseline.py (Celery + Redis, no-op task) run by a Python
@@ -277,6 +279,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=(64, 128, 256),
         help="tasks in flight: each value is measured, the best is reported",
     )
+    p.add_argument(
+        "--e2e-call",
+        choices=("submit-stream", "submit-and-stream"),
+        default="submit-stream",
+        help="how the e2e and rate stages submit and wait for each task: a Submit then a "
+        "Stream, or one SubmitAndStream call",
+    )
     p.add_argument("--rate", type=float, default=200.0, help="fixed Submit rate, tasks/s")
     p.add_argument("--rate-duration", type=float, default=10.0, help="measured seconds")
     p.add_argument("--rate-warmup", type=float, default=1.0, help="unrecorded seconds first")
@@ -386,6 +395,7 @@ def load_settings(args: argparse.Namespace) -> LoadSettings:
         echo_bytes=args.echo_bytes,
         quiet_wait_s=args.quiet_wait,
         quiet_pct=args.quiet_pct,
+        e2e_call=args.e2e_call,
     )
 
 
