@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -145,10 +145,10 @@ def event_state(event: tasks_pb2.StreamResponse) -> tasks_pb2.TaskState.ValueTyp
     return None
 
 
-async def wait_succeeded(stub: tasks_pb2_grpc.TaskServiceAsyncStub, task_id: str) -> float:
-    """Stream a task until its stream ends; returns the instant SUCCEEDED arrived."""
+async def succeeded_instant(events: AsyncIterable[tasks_pb2.StreamResponse]) -> float:
+    """Reads a task's events until they end; returns the instant SUCCEEDED arrived."""
     succeeded_at: float | None = None
-    async for event in stub.Stream(tasks_pb2.StreamRequest(task_id=task_id)):
+    async for event in events:
         state = event_state(event)
         if state == SUCCEEDED:
             succeeded_at = time.perf_counter()
@@ -157,6 +157,11 @@ async def wait_succeeded(stub: tasks_pb2_grpc.TaskServiceAsyncStub, task_id: str
     if succeeded_at is None:
         raise TaskFailedError("stream ended before SUCCEEDED")
     return succeeded_at
+
+
+async def wait_succeeded(stub: tasks_pb2_grpc.TaskServiceAsyncStub, task_id: str) -> float:
+    """Stream a task until its stream ends; returns the instant SUCCEEDED arrived."""
+    return await succeeded_instant(stub.Stream(tasks_pb2.StreamRequest(task_id=task_id)))
 
 
 def submit_and_wait_call(
@@ -187,16 +192,8 @@ def submit_and_stream_call(
     combined = tasks_pb2.SubmitAndStreamRequest(task=request.task)
 
     async def call(index: int) -> float:
-        succeeded_at: float | None = None
-        async for reply in stubs[index % len(stubs)].SubmitAndStream(combined):
-            state = event_state(reply.event)
-            if state == SUCCEEDED:
-                succeeded_at = time.perf_counter()
-            elif state in FAILED_STATES:
-                raise TaskFailedError(f"task ended {tasks_pb2.TaskState.Name(state)}")
-        if succeeded_at is None:
-            raise TaskFailedError("stream ended before SUCCEEDED")
-        return succeeded_at
+        replies = stubs[index % len(stubs)].SubmitAndStream(combined)
+        return await succeeded_instant(reply.event async for reply in replies)
 
     return call
 
