@@ -49,7 +49,7 @@ class ClientLimiter:
 
     async def admit(self, client_id: str) -> None:
         """Takes one token of `client_id`'s bucket, or raises RateLimitedError."""
-        limit = self._limits.clients.get(client_id, self._limits.default)
+        limit = self._limit_of(client_id)
         if limit is None:
             return
         bucket = self._bucket(client_id, limit)
@@ -57,8 +57,7 @@ class ClientLimiter:
             # The bucket is full to within one token, which leaks out in 1 / rate seconds
             # at most: an upper bound that a retry at that time meets.
             raise RateLimitedError(
-                f"client {client_id!r} is over its limit of {limit.rate:g} calls per second"
-                f" (burst {limit.burst}); retry after the delay in RetryInfo",
+                f"{_over_limit(client_id, limit)}; retry after the delay in RetryInfo",
                 1.0 / limit.rate,
                 "rate",
             )
@@ -71,7 +70,7 @@ class ClientLimiter:
         With rate 5 and burst 3, a full bucket and count 5: 3 are taken, and the other 2
         are refused with a retry delay of 2 / 5 s, after which the bucket has room for them.
         """
-        limit = self._limits.clients.get(client_id, self._limits.default)
+        limit = self._limit_of(client_id)
         if limit is None or count <= 0:
             return Grant(max(count, 0))
         bucket = self._bucket(client_id, limit)
@@ -87,13 +86,17 @@ class ClientLimiter:
         return Grant(
             taken,
             RateLimitedError(
-                f"client {client_id!r} is over its limit of {limit.rate:g} calls per second"
-                f" (burst {limit.burst}), each task of a batch counting as one: {refused} of"
-                f" this batch's tasks were refused; submit them again after retry_delay",
+                f"{_over_limit(client_id, limit)}, each task of a batch counting as one:"
+                f" {refused} of this batch's tasks were refused; submit them again after"
+                " retry_delay",
                 min(refused, limit.burst) / limit.rate,
                 "rate",
             ),
         )
+
+    def _limit_of(self, client_id: str) -> RateLimit | None:
+        """The client's own limit, else the default; None: unlimited."""
+        return self._limits.clients.get(client_id, self._limits.default)
 
     def _bucket(self, client_id: str, limit: RateLimit) -> AsyncLimiter:
         """The client's bucket, made on first use, now the most recently used."""
@@ -138,6 +141,13 @@ class TypeLimiter:
                 "type_rate",
             )
         await bucket.acquire()  # has capacity: returns without waiting
+
+
+def _over_limit(client_id: str, limit: RateLimit) -> str:
+    return (
+        f"client {client_id!r} is over its limit of {limit.rate:g} calls per second"
+        f" (burst {limit.burst})"
+    )
 
 
 def _room(bucket: AsyncLimiter, most: int) -> int:
