@@ -29,6 +29,7 @@ CLIENT_CA_VAR = "TASKRING_TLS_CLIENT_CA"
 REMOTE_CA_VAR = "TASKRING_REMOTE_TLS_CA"
 REMOTE_CERT_VAR = "TASKRING_REMOTE_TLS_CERT"
 REMOTE_KEY_VAR = "TASKRING_REMOTE_TLS_KEY"
+_PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,9 +199,6 @@ def _pair_problem(cert: str, key: str, certificate_chain: bytes, exc: ssl.SSLErr
         f"{key}: not an unencrypted PEM private key"
         " (-----BEGIN PRIVATE KEY-----, or its RSA or EC form)"
     )
-
-
-_PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 
 
 def _check_ca(name: str, ca: bytes, ca_file: str, problems: list[str]) -> None:
