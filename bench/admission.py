@@ -1,6 +1,6 @@
 """Benchmark per-client admission: a noisy client at 20x its rate limit beside a well-behaved one.
 
-    .venv/bin/python bench/admission.py                 # about 2 minutes
+    .venv/bin/python bench/admission.py                 # about 3 minutes
     .venv/bin/python bench/admission.py --quick         # smoke run, about 15 s
     .venv/bin/python bench/admission.py --json-out bench/results/admission.json
 
@@ -396,11 +396,11 @@ class NoisyChild:
 
 @contextlib.asynccontextmanager
 async def noisy_child(
-    address: str, plan: Plan, key: str, workdir: Path
+    address: str, plan: Plan, key: str, log_path: Path
 ) -> AsyncIterator[NoisyChild]:
-    """Start the noisy client's process; yields once it is connected. Stopped on leaving."""
+    """Start the noisy client's process (its stderr to log_path); yields once it is
+    connected. Stopped on leaving."""
     argv = [sys.executable, str(SCRIPT), "--noisy-child", address]
-    log_path = workdir / "noisy-client.log"
     env = {**os.environ, NOISY_KEY_ENV: key}
     proc = await spawn([*argv, *plan.child_args()], log_path, env)
     try:
@@ -512,7 +512,8 @@ async def run_phase(
         if name == "baseline":
             good, good_s, cpu = await good_client(call, plan, time.monotonic(), server.pid, None)
         else:
-            async with noisy_child(server.address, plan, keys[NOISY], workdir) as child:
+            child_log = workdir / f"noisy-client-{round_}.log"
+            async with noisy_child(server.address, plan, keys[NOISY], child_log) as child:
                 good, good_s, cpu = await good_client(
                     call, plan, child.start_at, server.pid, child.pid
                 )
