@@ -818,20 +818,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--quiet-pct", type=float, default=15.0, help="idle: busy CPU below this %% of one core"
     )
     p.add_argument(
-        "--rounds", type=int, default=3, help="baseline and noisy phases, taken in turns"
+        "--rounds",
+        type=int,
+        help="baseline and noisy phases, taken in turns (default 3; 1 with --quick)",
     )
     p.add_argument("--max-seconds", type=float, default=600.0, help="bound on the whole run")
     p.add_argument("--json-out", help="also write the JSON summary to this file")
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run: --seconds 3 --warmup 1 --quiet-wait 2 --rounds 1",
+        help="a smoke run: --seconds 3 --warmup 1 --quiet-wait 2, one round",
     )
     # The noisy client's own process: the server's address (its key comes in NOISY_KEY_ENV).
     p.add_argument("--noisy-child", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.seconds, args.warmup, args.quiet_wait, args.rounds = 3.0, 1.0, 2.0, 1
+        args.seconds, args.warmup, args.quiet_wait = 3.0, 1.0, 2.0
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     if args.noisy_burst == 0:
         args.noisy_burst = max(1, round(args.noisy_rate_limit))
     if min(args.noisy_rate_limit, args.good_rate, args.seconds) <= 0 or args.noisy_burst < 1:
