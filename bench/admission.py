@@ -299,7 +299,7 @@ class Tally:
         lo, hi = _window(start, target_rate, plan)
         rows = list(zip(self.sent_s, self.done_s, self.codes, strict=True))
         window = [(sent, done, code) for sent, done, code in rows if lo <= sent < hi]
-        accepted = [done - sent for sent, done, code in window if code == OK]
+        accepted = self.accepted_s(target_rate, start, plan)
         rejected = [done - sent for sent, done, code in window if code == REJECTED]
         by_reply = sum(1 for _, done, code in rows if code == OK and lo <= done < hi)
         return ClientFigures(
