@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -33,6 +34,15 @@ from tests.tls_certs import Pki, issue_pki
 
 ROOT = Path(__file__).resolve().parent.parent
 Handler = Callable[[Task], "AsyncIterator[BackendEvent]"]
+
+
+def unused_port() -> int:
+    """A loopback port nothing listens on now (bound, then released): a connection to it
+    is refused, and a server may take it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def make_settings(

@@ -3,7 +3,6 @@ generated; and the clients' submit_and_watch, which resumes with Stream when it 
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import grpc
@@ -11,7 +10,14 @@ import pytest
 
 from client import AsyncTaskringClient
 from client._proto.taskring.v1 import tasks_pb2 as pb
-from tests.conftest import Running, ServerProcess, StartServer, chat_spec, spawn_server
+from tests.conftest import (
+    Running,
+    ServerProcess,
+    StartServer,
+    chat_spec,
+    spawn_server,
+    unused_port,
+)
 
 
 async def submit_and_stream(server: Running, spec: pb.TaskSpec) -> list[pb.SubmitAndStreamResponse]:
@@ -63,13 +69,6 @@ async def test_a_repeated_idempotency_key_follows_the_first_task(server: Running
     assert again[-1].event.snapshot.state == pb.TASK_STATE_SUCCEEDED  # finished: one snapshot
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 async def test_client_resumes_with_stream_when_the_server_restarts_mid_task(
@@ -77,7 +76,7 @@ async def test_client_resumes_with_stream_when_the_server_restarts_mid_task(
 ) -> None:
     """The call breaks with the server (SIGKILL); submit_and_watch reconnects to the
     restarted one with Stream and follows the same task to its end."""
-    db, listen = tmp_path / "restart.db", f"127.0.0.1:{free_port()}"
+    db, listen = tmp_path / "restart.db", f"127.0.0.1:{unused_port()}"
     env = {"TASKRING_LISTEN": listen, "TASKRING_LOCAL_TOKEN_DELAY_S": "0.05"}
     first = spawn_server(db, **env)
     server_processes.append(first)

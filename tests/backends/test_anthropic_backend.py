@@ -5,7 +5,6 @@ parameters, and every failure class."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import traceback
 from collections.abc import AsyncIterator
@@ -27,6 +26,7 @@ from server.model.task import (
     TaskState,
     Usage,
 )
+from tests.conftest import unused_port
 from tests.fakes import BreakStream, Fail, FakeAnthropic, Hang, Reply
 
 KEY = "sk-ant-api03-Zq7Xw2Lm9Pv4Rt6Yu1Io3Kj5Hg8Fd0Sa2Qw4Er6Ty8Ui"
@@ -249,10 +249,7 @@ async def test_stream_that_stalls_times_out(backend: AnthropicBackend, fake: Fak
 async def test_refused_connection_is_unavailable() -> None:
     """Nothing listening on the port: a retryable fault of the backend, not a timeout (the
     SDK's aiohttp transport calls every connection error a ConnectTimeout)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    backend = make_backend(f"http://127.0.0.1:{port}")
+    backend = make_backend(f"http://127.0.0.1:{unused_port()}")
     try:
         error = await failure(backend, chat())
     finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import socket
 import time
 import traceback
 from collections.abc import AsyncIterator
@@ -29,6 +28,7 @@ from server.model.task import (
     TaskState,
     Usage,
 )
+from tests.conftest import unused_port
 from tests.fakes import BreakStream, Fail, FakeOpenAI, Hang, Reply
 
 KEY = "sk-test-4f9a2c7e1b8d3a6f0e5c9b2d7a4f1e8c"
@@ -260,10 +260,7 @@ async def test_stream_that_stalls_times_out(backend: OpenAIBackend, fake: FakeOp
 async def test_refused_connection_is_unavailable() -> None:
     """Nothing listening on the port: a retryable fault of the backend, not a timeout (the
     SDK's aiohttp transport calls every connection error a ConnectTimeout)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    backend = make_backend(f"http://127.0.0.1:{port}/v1")
+    backend = make_backend(f"http://127.0.0.1:{unused_port()}/v1")
     try:
         error = await failure(backend, chat())
     finally:

@@ -15,7 +15,7 @@ from client.healthcheck import HEALTHY, UNHEALTHY, check, main
 from server.backends.local import LocalModelSettings, builtin_handlers
 from server.config import ExecutorSettings
 from server.executor.app import ExecutorApp
-from tests.conftest import ROOT, StartServer
+from tests.conftest import ROOT, StartServer, unused_port
 
 READINESS = "taskring.v1.TaskService"
 EXECUTOR_READINESS = "taskring.v1.ExecutorService"
@@ -96,19 +96,11 @@ async def test_executor_readiness_is_serving(executor: ExecutorApp) -> None:
     assert result.status == "SERVING"
 
 
-@pytest.fixture
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def test_fails_fast_when_nothing_listens(closed_port: int) -> None:
+def test_fails_fast_when_nothing_listens() -> None:
     """A refused connection is an answer: unhealthy at once, not after the timeout."""
+    address = f"127.0.0.1:{unused_port()}"
     started = time.monotonic()
-    result = check(f"127.0.0.1:{closed_port}", timeout_s=5.0)
+    result = check(address, timeout_s=5.0)
     assert result.status == "UNAVAILABLE"
     assert time.monotonic() - started < 2.5
 

@@ -9,7 +9,6 @@ import contextlib
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import urllib.error
 import urllib.parse
@@ -62,6 +61,7 @@ from tests.conftest import (
     local_backends,
     make_settings,
     submit,
+    unused_port,
     wait_terminal,
 )
 from tests.fakes import Fail, FakeOpenAI
@@ -100,13 +100,6 @@ async def scrape(port: int) -> str:
     status, _, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/metrics")
     assert status == 200
     return body.decode()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def refuse(task: Task) -> AsyncIterator[BackendEvent]:
@@ -189,7 +182,7 @@ async def prometheus(tmp_path: Path) -> AsyncIterator[Callable[[int], Awaitable[
         config = tmp_path / "prometheus.yml"
         config.write_text(PROMETHEUS_CONFIG.format(port=metrics_port))
         log = tmp_path / "prometheus.log"
-        address = f"127.0.0.1:{free_port()}"
+        address = f"127.0.0.1:{unused_port()}"
         process = spawn_prometheus(binary, config, tmp_path / "tsdb", address, log)
         server = Prometheus(f"http://{address}", process, log)
         started.append(server)
