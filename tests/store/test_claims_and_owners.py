@@ -127,17 +127,7 @@ async def test_claims_of_two_replicas_at_once_never_take_the_same_task(open_: Op
     one, two = open_(), open_()
     await asyncio.gather(one.start(), two.start())  # both migrate the same new schema
     await asyncio.gather(*(one.create(new_task(n)) for n in range(200)))
-    claims = await asyncio.gather(
-        *(
-            store.claim(10, 10.0, {"chat"}, starter(name))
-            for _ in range(12)
-            for name, store in [("one", one), ("two", two)]
-        )
-    )
-    ids = [task.id for claimed in claims for task in claimed.started]
-    assert len(ids) == len(set(ids)) == 200
-    backends = {task.backend for claimed in claims for task in claimed.started}
-    assert backends == {"one", "two"}, "both replicas claimed some"
+    await claim_all_at_once(one, two, 200, now=10.0)
 
 
 @pytest.mark.postgresql_only
@@ -150,15 +140,23 @@ async def test_aged_claims_of_two_replicas_never_take_the_same_task(
     await asyncio.gather(one.start(), two.start())
     priorities = list(Priority)
     await asyncio.gather(*(one.create(aged(n, priorities[n % 4], 1000.0 + n)) for n in range(200)))
+    await claim_all_at_once(one, two, 200, now=1150.0, aging_s=60.0)
+
+
+async def claim_all_at_once(
+    one: TaskStore, two: TaskStore, count: int, now: float, aging_s: float = 0.0
+) -> None:
+    """Both replicas claim 10 at a time, 12 times each, all at once: each of the `count`
+    tasks is started exactly once, and both replicas started some."""
     claims = await asyncio.gather(
         *(
-            store.claim(10, 1150.0, {"chat"}, starter(name), aging_s=60.0)
+            store.claim(10, now, {"chat"}, starter(name), aging_s=aging_s)
             for _ in range(12)
             for name, store in [("one", one), ("two", two)]
         )
     )
     ids = [task.id for claimed in claims for task in claimed.started]
-    assert len(ids) == len(set(ids)) == 200
+    assert len(ids) == len(set(ids)) == count
     backends = {task.backend for claimed in claims for task in claimed.started}
     assert backends == {"one", "two"}, "both replicas claimed some"
 
