@@ -126,6 +126,9 @@ class Dispatcher:
         # has room for: a new task may then start at once, stored RUNNING by Submit's own
         # write (no queue to jump, one write and one store read fewer per task).
         self._queue_drained = False
+        # True when the last look left out a type because no member had room for it: a
+        # slot given back may then let its waiting tasks run, so the queue is read again.
+        self._types_left_out = False
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -313,6 +316,7 @@ class Dispatcher:
         # Only types some backend has room for, and not at their own cap: tasks waiting for
         # a full backend or type must not hide the ready tasks of other types behind them.
         types = self.members.types_with_room() - self._types_full
+        self._types_left_out = types != self.members.task_types
         try:
             claimed = await self._store.claim(
                 free, now, types, start, aging_s=self._settings.aging_s
@@ -374,7 +378,11 @@ class Dispatcher:
             self._release(attempt.task.spec.type, attempt.backend)
             self._running.pop(attempt.task.id, None)
             attempt.done.set()
-            self._wakeup.set()
+            # A freed slot matters only to tasks left waiting: with the queue drained
+            # of every type, reading it again finds nothing (one store read per task
+            # fewer, at any load).
+            if not self._queue_drained or self._types_left_out:
+                self._wakeup.set()
 
     async def _attempt(self, attempt: _Attempt) -> Task | None:  # noqa: PLR0911 - one per way it ends
         """Runs one attempt. Returns the change that ends it, or None when the attempt
