@@ -19,7 +19,7 @@ from .config_file import Limits
 from .dispatch.dispatcher import Dispatcher
 from .dispatch.retry import RetryPolicies
 from .events.hub import EventHub, EventKind, TaskEvent
-from .events.recorder import ChangeRecorder
+from .events.recorder import MAX_UNSTORED_DELTAS, ChangeRecorder
 from .model import states
 from .model.errors import (
     AlreadyExistsError,
@@ -313,6 +313,10 @@ class TaskManager:
                     return stopped
             else:
                 cancelled = states.cancel(task, self._clock.now())
+                if task.state is TaskState.RUNNING:
+                    # Running on another replica, whose watchers may have seen output
+                    # deltas it has not stored yet: skip their numbers.
+                    cancelled = cancelled.evolve(sequence=task.sequence + MAX_UNSTORED_DELTAS + 1)
                 event = TaskEvent(EventKind.STATE, cancelled)
                 if await self._recorder.record([event], task.sequence):
                     return cancelled

@@ -20,7 +20,7 @@ from opentelemetry.context import Context
 from server.backends.base import Backend, BackendError, BackendEvent, Completed, OutputChunk
 from server.clock import Clock
 from server.events.hub import EventKind, TaskEvent
-from server.events.recorder import ChangeRecorder
+from server.events.recorder import MAX_UNSTORED_DELTAS, ChangeRecorder
 from server.model import states
 from server.model.aging import DEFAULT_AGING_S
 from server.model.errors import StoreError
@@ -54,6 +54,10 @@ class DispatchSettings:
     # The most attempts of a task type running at once in this router, across all members
     # (`[quotas.types."<type>"] max_running` of the file); a type not named has no cap.
     max_running_by_type: Mapping[str, int] = field(default_factory=dict)
+    # How often a running attempt stores the output it has streamed (watchers get each
+    # token at once either way): how far a Get or Stream on another replica lags behind,
+    # and how many writes a long reply costs (each stores the whole text so far).
+    output_store_interval_s: float = 0.25
 
 
 class StopReason(enum.Enum):
@@ -65,6 +69,15 @@ class StopReason(enum.Enum):
 
 class _End:
     """Marks the end of a backend's event stream in the attempt's queue."""
+
+
+class _Flush:
+    """Wakes an attempt whose published output may be due to be stored (an output write
+    ended, or its interval passed)."""
+
+
+_FLUSH = _Flush()
+Queued = BackendEvent | BaseException | _End | _Flush
 
 
 class _Superseded(Exception):  # noqa: N818 - a signal, not an error users see
@@ -88,8 +101,16 @@ class _Attempt:
     stored: asyncio.Future[bool] | None = None
     # The context of the attempt's span (its task's Submit span); None when tracing is off.
     trace_parent: Context | None = None
-    # The write of the output delta last published, while it may still be committing.
+    # The sequence of the task as last stored: `task` may be ahead of it by output deltas
+    # published and not stored yet (at most MAX_UNSTORED_DELTAS).
+    stored_sequence: int = 0
+    # The write of the output, while it may still be committing, and the sequence it
+    # stores; when the last one began (loop time); the timer that wakes the attempt to
+    # store what it published since.
     output_write: asyncio.Future[bool] | None = None
+    output_write_sequence: int = 0
+    output_stored_at: float = float("-inf")
+    flush_timer: asyncio.TimerHandle | None = None
 
 
 class Dispatcher:
@@ -163,10 +184,10 @@ class Dispatcher:
                     after = states.fail(task, interrupted, self._clock.now())
                 else:
                     after = states.requeue(task, interrupted, 0.0, self._clock.now())
-                # An output delta may have been published, but not stored, just before the
-                # process died (Recorder.record_output): skip its number so that no watcher
-                # resuming after it misses this change.
-                after = after.evolve(sequence=after.sequence + 1)
+                # Output deltas may have been published, but not stored, before the process
+                # died (ChangeRecorder.publish_output): skip their numbers so that no
+                # watcher resuming after one misses this change.
+                after = after.evolve(sequence=after.sequence + MAX_UNSTORED_DELTAS)
                 # False: another replica adopted it first.
                 adopted += await self._recorder.record([_state(after)], task.sequence)
             _log.info("re-queued %d tasks whose router stopped while they ran", adopted)
@@ -276,7 +297,7 @@ class Dispatcher:
             self.wake()
 
     def _launch(self, task: Task, stored: asyncio.Future[bool] | None = None) -> None:
-        attempt = _Attempt(task, task.backend, stored=stored)
+        attempt = _Attempt(task, task.backend, stored=stored, stored_sequence=task.sequence)
         if self._stopping:
             # Stored RUNNING by a Submit that was committing as shutdown began: hand it
             # straight back to the queue rather than run it unsupervised.
@@ -429,9 +450,9 @@ class Dispatcher:
         return None
 
     async def _execute(self, attempt: _Attempt, backend: Backend) -> None:
-        """Pumps the backend's events through a queue so that output produced while a write
-        commits is coalesced into the next write (one write per batch, not per token)."""
-        events: asyncio.Queue[BackendEvent | BaseException | _End] = asyncio.Queue()
+        """Pumps the backend's events through a queue so that output produced while the
+        attempt is busy (publishing, or storing what it published) goes out merged."""
+        events: asyncio.Queue[Queued] = asyncio.Queue()
         pump = asyncio.create_task(_pump(backend.execute(attempt.task), events))
         try:
             while True:
@@ -439,19 +460,22 @@ class Dispatcher:
                 while not events.empty():
                     batch.append(events.get_nowait())
                 text = "".join(e.text for e in batch if isinstance(e, OutputChunk))
-                end = next((e for e in batch if not isinstance(e, OutputChunk)), None)
+                end = next((e for e in batch if not isinstance(e, OutputChunk | _Flush)), None)
                 if isinstance(end, Completed):
                     await self._complete(attempt, text, end)
                     return
                 if text:
-                    await self._save_output(attempt, _output(attempt.task, text))
+                    await self._publish_output(attempt, text)
                 if isinstance(end, BaseException):
                     raise end
                 if isinstance(end, _End):
                     raise BackendError(
                         "BACKEND_ERROR", "the backend ended without a result", retryable=True
                     )
+                self._store_output_when_due(attempt, events)
         finally:
+            if attempt.flush_timer is not None:
+                attempt.flush_timer.cancel()
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
@@ -517,23 +541,52 @@ class Dispatcher:
 
         def saved(event: TaskEvent) -> None:
             attempt.task = event.task
+            attempt.stored_sequence = event.task.sequence
 
         await _until_stored(attempt)
-        if not await self._recorder.record(events, attempt.task.sequence, saved):
+        await _output_settled(attempt)
+        if not await self._recorder.record(events, attempt.stored_sequence, saved):
             raise _Superseded
 
-    async def _save_output(self, attempt: _Attempt, event: TaskEvent) -> None:
-        """Publishes an output delta at once and stores it before the attempt goes on."""
-
-        def saved(event: TaskEvent) -> None:
-            attempt.task = event.task
-
+    async def _publish_output(self, attempt: _Attempt, text: str) -> None:
+        """Sends `text` to the task's watchers as its next delta, to be stored later (see
+        ChangeRecorder.publish_output); first stores what was published, if that delta
+        would put more than MAX_UNSTORED_DELTAS ahead of the store."""
         await _until_stored(attempt)
-        write = self._recorder.record_output(event, attempt.task.sequence, saved)
+        if attempt.task.sequence - attempt.stored_sequence >= MAX_UNSTORED_DELTAS:
+            # As far ahead of the store as watchers may be: store before sending more.
+            await _output_settled(attempt)
+            if attempt.task.sequence - attempt.stored_sequence >= MAX_UNSTORED_DELTAS:
+                await asyncio.shield(self._store_output(attempt))
+                _output_write_ended(attempt)
+        event = _output(attempt.task, text)
+        attempt.task = event.task
+        self._recorder.publish_output(event)
+
+    def _store_output_when_due(self, attempt: _Attempt, events: asyncio.Queue[Queued]) -> None:
+        """Starts storing the output published so far, or arranges to be woken when that is
+        due: one write at a time, at most one per output_store_interval_s."""
+        write = attempt.output_write
+        if write is not None:
+            if not write.done():
+                return  # its end wakes the attempt
+            _output_write_ended(attempt)
+        if attempt.task.sequence == attempt.stored_sequence:
+            return
+        loop = asyncio.get_running_loop()
+        due = attempt.output_stored_at + self._settings.output_store_interval_s
+        if loop.time() < due:
+            if attempt.flush_timer is None:
+                attempt.flush_timer = loop.call_at(due, _wake, attempt, events)
+            return
+        self._store_output(attempt).add_done_callback(lambda _: events.put_nowait(_FLUSH))
+
+    def _store_output(self, attempt: _Attempt) -> asyncio.Future[bool]:
+        attempt.output_stored_at = asyncio.get_running_loop().time()
+        write = self._recorder.store_output(attempt.task, attempt.stored_sequence)
         attempt.output_write = write
-        if not await asyncio.shield(write):
-            raise _Superseded
-        attempt.output_write = None
+        attempt.output_write_sequence = attempt.task.sequence
+        return write
 
     async def _fail_deadline(self, task: Task) -> None:
         if self._spans is not None:
@@ -617,16 +670,34 @@ class Dispatcher:
 
 
 async def _output_settled(attempt: _Attempt) -> None:
-    """Waits for the output write the attempt was cut off in (a Cancel, a deadline). Its
-    delta has reached watchers, so the change that ends the attempt must come after it:
-    computed from the sequence that write stores, and not committed before it. (On
-    PostgreSQL two writes of one task could otherwise commit out of order: the ending
-    first, the delta then refused, and watchers left holding a number the ending reused.)"""
-    write, attempt.output_write = attempt.output_write, None
+    """Waits for the output write in flight, if any: the change the attempt stores next
+    must not commit before it. (On PostgreSQL two writes of one task could otherwise commit
+    out of order: the later first, the output then refused as stale.) A write that failed
+    leaves `stored_sequence` behind, so the next write fails too and says why."""
+    write = attempt.output_write
     if write is not None:
-        # Its failure, if any, is the store's: the ending's own write meets it.
         with contextlib.suppress(Exception):
             await asyncio.shield(write)
+            _output_write_ended(attempt)
+        attempt.output_write = None
+
+
+def _output_write_ended(attempt: _Attempt) -> None:
+    """Takes in the attempt's output write, which has ended: what it stored is the base of
+    the next write, or if it stored nothing, raises why (_Superseded: someone else changed
+    the task). Read from the write itself, not in a callback of it: a write already done
+    when awaited does not suspend the attempt, so its callbacks may not have run yet."""
+    write, attempt.output_write = attempt.output_write, None
+    if write is None:
+        return
+    if not write.result():
+        raise _Superseded
+    attempt.stored_sequence = max(attempt.stored_sequence, attempt.output_write_sequence)
+
+
+def _wake(attempt: _Attempt, events: asyncio.Queue[Queued]) -> None:
+    attempt.flush_timer = None
+    events.put_nowait(_FLUSH)
 
 
 async def _until_stored(attempt: _Attempt) -> None:
@@ -669,9 +740,7 @@ def _output(task: Task, text: str) -> TaskEvent:
     return TaskEvent(EventKind.OUTPUT, states.append_output(task, text), text)
 
 
-async def _pump(
-    source: AsyncIterator[BackendEvent], events: asyncio.Queue[BackendEvent | BaseException | _End]
-) -> None:
+async def _pump(source: AsyncIterator[BackendEvent], events: asyncio.Queue[Queued]) -> None:
     try:
         async for event in source:
             events.put_nowait(event)

@@ -1,5 +1,5 @@
 """ChangeRecorder: the one way a task change reaches watchers. State changes are stored
-first, then published; output deltas may go out first (see `record_output`).
+first, then published; output deltas go out first (see `publish_output`).
 
 Every end of a task this process stores passes here (an attempt's success or failure,
 Cancel, a deadline passing, an orphan on its last attempt): `on_end` hears of each, once,
@@ -18,6 +18,10 @@ from server.store.base import TaskStore
 from .hub import EventHub, TaskEvent
 
 _log = logging.getLogger(__name__)
+
+# The most output deltas of a task that may have reached watchers without being stored
+# (see ChangeRecorder.publish_output).
+MAX_UNSTORED_DELTAS = 64
 
 OnSaved = Callable[[TaskEvent], None]
 OnEnd = Callable[[Task], None]
@@ -54,30 +58,26 @@ class ChangeRecorder:
         for event in events:
             self._hub.publish(event)
 
-    def record_output(
-        self, event: TaskEvent, expected_sequence: int, on_saved: OnSaved | None = None
-    ) -> asyncio.Future[bool]:
-        """Publishes an output delta at once, then stores it like `record`. Returns the
-        write itself: a caller that may be cancelled awaits it through asyncio.shield, and
-        keeps it, so that whatever it records next waits for it (see below).
+    def publish_output(self, event: TaskEvent) -> None:
+        """Publishes an output delta before it is stored (see `store_output`).
 
         A token reaches its watchers without waiting for a commit (on this machine the
-        commit was half of the latency the router added to the first token). What a watcher
-        may then see that is never stored is bounded: the caller awaits this write before
-        it records anything else, so at most one delta per task is ahead of the store, and
-        recovery skips one sequence number so a number seen is never reused (see
-        Dispatcher._recover). State changes never take this path: one seen is one stored.
-        """
+        commit was half of the latency the router added to the first token), and the
+        attempt stores its output every so often, not per delta: storing the whole text on
+        each token made a long reply cost the square of its length in writes. What a
+        watcher may have seen that is not stored is bounded: the attempt publishes at most
+        MAX_UNSTORED_DELTAS deltas past the last stored one, and a change anyone else makes
+        to a running task (recovery, a Cancel on another replica) skips that many sequence
+        numbers, so a number seen is never reused. State changes never take this path: one
+        seen is one stored."""
         self._hub.publish(event)
-        write = asyncio.ensure_future(self._store.update(event.task, expected_sequence))
-        write.add_done_callback(functools.partial(self._saved, event, on_saved))
-        return write
 
-    @staticmethod
-    def _saved(event: TaskEvent, on_saved: OnSaved | None, write: asyncio.Future[bool]) -> None:
-        stored = not write.cancelled() and write.exception() is None and write.result()
-        if stored and on_saved is not None:
-            on_saved(event)
+    def store_output(self, task: Task, expected_sequence: int) -> asyncio.Future[bool]:
+        """Stores `task` (its output so far, published already) if nobody changed it since
+        `expected_sequence`; False if someone did. Returns the write itself: a caller that
+        may be cancelled awaits it through asyncio.shield, and keeps it, so that whatever it
+        records next waits for it."""
+        return asyncio.ensure_future(self._store.update(task, expected_sequence))
 
     def _publish(
         self, events: list[TaskEvent], on_saved: OnSaved | None, write: asyncio.Future[bool]

@@ -102,6 +102,11 @@ class TaskStore(Protocol):
         """Raises StoreError when the store cannot serve reads and writes."""
         ...
 
+    def statistics(self) -> dict[str, int]:
+        """Counters since start, at least `writes` (each create or update) and
+        `commit_groups` (the transactions that committed them)."""
+        ...
+
     # create and update may be plain functions returning a future (SQLite's writer thread)
     # or coroutines (asyncpg): either way the caller awaits the result.
     def create(self, task: Task) -> Awaitable[tuple[Task, bool]]:

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from client._proto.taskring.v1 import tasks_pb2 as pb
 from server.app import open_store
 from server.config import StoreSettings
+from server.events.recorder import MAX_UNSTORED_DELTAS
 from server.model import states
 from server.model.task import ChatInput, ChatMessage, Task, TaskSpec, TaskState
 from server.store.base import TaskStore
@@ -122,9 +123,9 @@ async def test_restart_requeues_running_tasks_until_attempts_run_out(
 async def test_recovery_never_reuses_a_sequence_number_a_watcher_may_have_seen(
     start_server: StartServer, store_url: StoreUrl, tmp_path: Path
 ) -> None:
-    """Output deltas go to watchers before their commit, so one may have been seen but not
-    stored when the process died: the recovered task skips that number, and a watcher
-    resuming after it still sees the requeue."""
+    """Output deltas go to watchers before their commit, so some may have been seen but not
+    stored when the process died: the recovered task skips their numbers, and a watcher
+    resuming after the last of them still sees the requeue."""
     db = tmp_path / "seen.db"
     store = open_store(StoreSettings(url=store_url(db)))
     await store.start()
@@ -134,7 +135,8 @@ async def test_recovery_never_reuses_a_sequence_number_a_watcher_may_have_seen(
     running = states.start(queued, "local-1", 2.0)
     assert await store.update(running, queued.sequence)
     await store.close()
-    seen_but_lost = running.sequence + 1  # the delta published just before the crash
+    # The last delta the attempt may have published, unstored, before the crash.
+    seen_but_lost = running.sequence + MAX_UNSTORED_DELTAS
 
     server = await start_server(db=db)
     events = await watch_all(server.stub, "t1", after_sequence=seen_but_lost)

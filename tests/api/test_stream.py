@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -10,9 +11,29 @@ import pytest
 
 from client._proto.taskring.v1 import tasks_pb2 as pb
 from server.api.servicer import encoded_stream_response, stream_response
+from server.backends.base import BackendEvent, Completed, OutputChunk
+from server.dispatch.dispatcher import DispatchSettings
 from server.events.hub import EventHub, EventKind, TaskEvent
-from server.model.task import ChatInput, ChatMessage, ChatOutput, Task, TaskSpec, TaskState
-from tests.conftest import Running, StartServer, chat_spec, submit, wait_terminal, watch_all
+from server.events.recorder import MAX_UNSTORED_DELTAS
+from server.model.task import (
+    ChatInput,
+    ChatMessage,
+    ChatOutput,
+    CustomOutput,
+    Task,
+    TaskSpec,
+    TaskState,
+)
+from tests.api.test_dispatch import custom_spec
+from tests.conftest import (
+    Running,
+    StartServer,
+    chat_spec,
+    local_backends,
+    submit,
+    wait_terminal,
+    watch_all,
+)
 
 
 def kinds(events: list[pb.StreamResponse]) -> list[str]:
@@ -60,6 +81,59 @@ async def test_stream_shows_snapshot_then_each_token_then_success(
     final = events[-1].state_changed.task
     assert final.sequence == events[-1].sequence
     assert final.output.chat.text == snapshot.output.chat.text + streamed_text(events)
+
+
+async def test_a_long_reply_streams_token_by_token_and_is_stored_in_a_few_writes(
+    start_server: StartServer,
+) -> None:
+    """Each token goes out as it comes, but the output is stored every so often, not per
+    token: storing the whole text so far on every token made a long reply's writes grow
+    with the square of its length."""
+    server = await start_server(token_delay_s=0.005)
+    words = [f"word{i}" for i in range(100)]  # 101 tokens with the model's tag: ~0.5 s
+    writes_before = server.app.store.statistics()["writes"]
+    task = await submit(server.stub, chat_spec(" ".join(words)))
+    events = await watch_all(server.stub, task.id)
+    writes = server.app.store.statistics()["writes"] - writes_before
+    reply = "[local-echo] " + " ".join(words)
+    assert events[0].snapshot.output.chat.text + streamed_text(events) == reply
+    deltas = [e for e in events if e.HasField("output_delta")]
+    assert len(deltas) >= 50, "tokens 5 ms apart go out one by one (a busy moment may merge some)"
+    # Submit, start, the output about every 0.25 s, the end: not one write per token.
+    assert writes <= 10, f"{writes} store writes for {len(deltas)} deltas"
+    stored = (await server.stub.Get(pb.GetRequest(task_id=task.id))).task
+    assert (stored.state, stored.output.chat.text) == (pb.TASK_STATE_SUCCEEDED, reply)
+
+
+async def test_the_stored_output_is_never_far_behind_what_watchers_saw(
+    start_server: StartServer,
+) -> None:
+    """However long the store interval, at most MAX_UNSTORED_DELTAS deltas a watcher saw
+    are not stored yet: the numbers recovery skips for them."""
+    paused = asyncio.Event()
+
+    async def chatter(task: Task) -> AsyncIterator[BackendEvent]:
+        for i in range(3 * MAX_UNSTORED_DELTAS):
+            yield OutputChunk(f"{i} ")
+            await asyncio.sleep(0.001)  # one delta each
+        paused.set()
+        await asyncio.sleep(30)
+        yield Completed(CustomOutput({}))
+
+    never = DispatchSettings(poll_interval_s=0.05, output_store_interval_s=3600.0)
+    server = await start_server(local_backends(extra={"chatter": chatter}), dispatch=never)
+    task = await submit(server.stub, custom_spec("chatter"))
+    watch = asyncio.create_task(watch_all(server.stub, task.id))
+    await asyncio.wait_for(paused.wait(), 10)
+    seen = (await server.stub.Get(pb.GetRequest(task_id=task.id))).task
+    stored = await server.app.store.get(task.id)
+    assert stored is not None
+    assert seen.output.chat.text.count(" ") == 3 * MAX_UNSTORED_DELTAS
+    assert seen.sequence - MAX_UNSTORED_DELTAS <= stored.sequence < seen.sequence
+    await server.stub.Cancel(pb.CancelRequest(task_id=task.id))
+    events = await asyncio.wait_for(watch, 5)
+    assert events[-1].state_changed.task.state == pb.TASK_STATE_CANCELLED
+    assert events[-1].state_changed.task.output.chat.text == seen.output.chat.text
 
 
 async def test_stream_of_finished_task_is_one_snapshot(server: Running) -> None:
