@@ -121,7 +121,11 @@ class App:
             self.clock,
             # Aging and the types' concurrency caps are the file's, whoever sets the rest.
             replace(
-                dispatch or DispatchSettings(retry=settings.file.retry),
+                dispatch
+                or DispatchSettings(
+                    retry=settings.file.retry,
+                    output_store_interval_s=settings.store.output_store_interval_s,
+                ),
                 aging_s=settings.file.aging_s,
                 max_running_by_type=settings.file.quotas.max_running(),
             ),

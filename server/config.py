@@ -14,6 +14,9 @@ variable and raises one ConfigError that names each bad variable and value.
     TASKRING_LEASE_S                PostgreSQL: seconds a dead replica's 10
                                     RUNNING tasks wait before another
                                     replica re-queues them
+    TASKRING_OUTPUT_STORE_INTERVAL_S  seconds between stores of a       0.25
+                                    running task's output (watchers get
+                                    each token at once either way)
     TASKRING_LOCAL_EXECUTORS        in-process executors on the ring   3
     TASKRING_LOCAL_MAX_CONCURRENCY  attempts each runs at once         32
     TASKRING_LOCAL_TOKEN_DELAY_S    local-echo delay per token         0.02
@@ -108,6 +111,8 @@ class StoreSettings:
     # PostgreSQL only: connections this replica opens, and its lease on the tasks it runs.
     pool_size: int = 10
     lease_s: float = 10.0
+    # How often a running task's output is stored (see DispatchSettings).
+    output_store_interval_s: float = 0.25
 
     @property
     def is_postgresql(self) -> bool:
@@ -189,6 +194,9 @@ class Settings:
                 retention_s=reader.get("TASKRING_RETENTION_S", 7 * 86400.0, _non_negative),
                 pool_size=reader.get("TASKRING_STORE_POOL_SIZE", 10, _positive_int),
                 lease_s=reader.get("TASKRING_LEASE_S", 10.0, _positive),
+                output_store_interval_s=reader.get(
+                    "TASKRING_OUTPUT_STORE_INTERVAL_S", 0.25, _non_negative
+                ),
             ),
             local=LocalExecutorSettings(
                 count=reader.get("TASKRING_LOCAL_EXECUTORS", 3, _positive_int),

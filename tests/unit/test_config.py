@@ -26,6 +26,7 @@ def test_values_are_read_and_converted() -> None:
             "TASKRING_LOCAL_TOKEN_DELAY_S": "0",
             "TASKRING_DEFAULT_TIMEOUT_S": "30",
             "TASKRING_SQLITE_SYNCHRONOUS": "normal",
+            "TASKRING_OUTPUT_STORE_INTERVAL_S": "0",
         }
     )
     assert settings.server.listen == "[::1]:6000"
@@ -34,6 +35,7 @@ def test_values_are_read_and_converted() -> None:
     assert settings.local.token_delay_s == 0
     assert settings.tasks.default_timeout_s == 30
     assert settings.store.sqlite_synchronous == "NORMAL"
+    assert settings.store.output_store_interval_s == 0
 
 
 def test_every_bad_variable_is_reported_at_once() -> None:
@@ -45,6 +47,7 @@ def test_every_bad_variable_is_reported_at_once() -> None:
                 "TASKRING_LOCAL_EXECUTORS": "zero",
                 "TASKRING_LOCAL_TOKEN_DELAY_S": "-1",
                 "TASKRING_STORE": "mysql://x",
+                "TASKRING_OUTPUT_STORE_INTERVAL_S": "soon",
             }
         )
     text = str(caught.value)
@@ -53,9 +56,10 @@ def test_every_bad_variable_is_reported_at_once() -> None:
         "TASKRING_LOCAL_EXECUTORS",
         "TASKRING_LOCAL_TOKEN_DELAY_S",
         "TASKRING_STORE",
+        "TASKRING_OUTPUT_STORE_INTERVAL_S",
     ):
         assert name in text
-    assert len(caught.value.problems) == 4
+    assert len(caught.value.problems) == 5
     assert "'nowhere'" in text
 
 
