@@ -692,7 +692,7 @@ def _output_write_ended(attempt: _Attempt) -> None:
         return
     if not write.result():
         raise _Superseded
-    attempt.stored_sequence = max(attempt.stored_sequence, attempt.output_write_sequence)
+    attempt.stored_sequence = attempt.output_write_sequence
 
 
 def _wake(attempt: _Attempt, events: asyncio.Queue[Queued]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,18 +39,25 @@ def custom_spec(
 
 
 class Gate:
-    """A handler that starts, then waits for the test to open the gate; records what happened."""
+    """A handler that starts, streams `tokens` `gap_s` apart (each its own delta), then
+    waits for the test to open the gate; records what happened."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokens: Sequence[str] = ("working",), gap_s: float = 0.01) -> None:
+        self.tokens = tokens
+        self.gap_s = gap_s
         self.opened = asyncio.Event()
         self.started = asyncio.Event()
+        self.said = asyncio.Event()  # every token is out (and had gap_s to be published)
         self.cancelled = asyncio.Event()
         self.finished = False
 
     async def __call__(self, task: Task) -> AsyncIterator[BackendEvent]:
         self.started.set()
-        yield OutputChunk("working")
         try:
+            for token in self.tokens:
+                yield OutputChunk(token)
+                await asyncio.sleep(self.gap_s)
+            self.said.set()
             await self.opened.wait()
         except asyncio.CancelledError:
             self.cancelled.set()

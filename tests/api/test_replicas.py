@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from client._proto.taskring.v1 import tasks_pb2 as pb
-from server.backends.base import Backend, BackendEvent, Completed, OutputChunk
+from server.backends.base import Backend, BackendEvent, Completed
 from server.backends.local import LocalBackend
 from server.dispatch.dispatcher import DispatchSettings
 from server.model.task import CustomOutput, Task
@@ -80,32 +80,12 @@ async def test_cancel_through_one_replica_stops_the_work_on_the_other(
     assert (await wait_terminal(a.stub, task.id)).state == pb.TASK_STATE_CANCELLED
 
 
-class Talker:
-    """A handler that streams a few tokens, then waits until cancelled."""
-
-    def __init__(self) -> None:
-        self.talked = asyncio.Event()
-        self.cancelled = asyncio.Event()
-
-    async def __call__(self, task: Task) -> AsyncIterator[BackendEvent]:
-        for token in ("one ", "two ", "three ", "four"):
-            yield OutputChunk(token)
-            await asyncio.sleep(0.01)
-        self.talked.set()
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            self.cancelled.set()
-            raise
-        yield Completed(CustomOutput({}))  # never reached
-
-
 async def test_a_cancel_through_one_replica_reaches_the_watchers_of_the_other(
     start_server: StartServer, tmp_path: Path
 ) -> None:
     """The replica running a task sends its watchers output it has not stored yet; a Cancel
     made on another replica still comes after that output, in order, and ends their watch."""
-    talker = Talker()
+    talker = Gate(tokens=("one ", "two ", "three ", "four"))
     db = tmp_path / "shared.db"
     # A stores the output once (its first token) and then not for a minute.
     keeps_output = DispatchSettings(poll_interval_s=0.05, output_store_interval_s=60.0)
@@ -113,7 +93,7 @@ async def test_a_cancel_through_one_replica_reaches_the_watchers_of_the_other(
     b = await start_server(runs_nothing_shared(), db=db)
     task = await submit(a.stub, custom_spec("talk"))
     watch = asyncio.create_task(watch_all(a.stub, task.id))
-    await asyncio.wait_for(talker.talked.wait(), 5)
+    await asyncio.wait_for(talker.said.wait(), 5)
     stored = (await b.stub.Get(pb.GetRequest(task_id=task.id))).task
     assert stored.output.chat.text == "one ", "B sees what A stored: the first token"
 

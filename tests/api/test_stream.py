@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -11,7 +10,6 @@ import pytest
 
 from client._proto.taskring.v1 import tasks_pb2 as pb
 from server.api.servicer import encoded_stream_response, stream_response
-from server.backends.base import BackendEvent, Completed, OutputChunk
 from server.dispatch.dispatcher import DispatchSettings
 from server.events.hub import EventHub, EventKind, TaskEvent
 from server.events.recorder import MAX_UNSTORED_DELTAS
@@ -19,12 +17,11 @@ from server.model.task import (
     ChatInput,
     ChatMessage,
     ChatOutput,
-    CustomOutput,
     Task,
     TaskSpec,
     TaskState,
 )
-from tests.api.test_dispatch import custom_spec
+from tests.api.test_dispatch import Gate, custom_spec
 from tests.conftest import (
     Running,
     StartServer,
@@ -110,21 +107,12 @@ async def test_the_stored_output_is_never_far_behind_what_watchers_saw(
 ) -> None:
     """However long the store interval, at most MAX_UNSTORED_DELTAS deltas a watcher saw
     are not stored yet: the numbers recovery skips for them."""
-    paused = asyncio.Event()
-
-    async def chatter(task: Task) -> AsyncIterator[BackendEvent]:
-        for i in range(3 * MAX_UNSTORED_DELTAS):
-            yield OutputChunk(f"{i} ")
-            await asyncio.sleep(0.001)  # one delta each
-        paused.set()
-        await asyncio.sleep(30)
-        yield Completed(CustomOutput({}))
-
+    chatter = Gate(tokens=[f"{i} " for i in range(3 * MAX_UNSTORED_DELTAS)], gap_s=0.001)
     never = DispatchSettings(poll_interval_s=0.05, output_store_interval_s=3600.0)
     server = await start_server(local_backends(extra={"chatter": chatter}), dispatch=never)
     task = await submit(server.stub, custom_spec("chatter"))
     watch = asyncio.create_task(watch_all(server.stub, task.id))
-    await asyncio.wait_for(paused.wait(), 10)
+    await asyncio.wait_for(chatter.said.wait(), 10)
     seen = (await server.stub.Get(pb.GetRequest(task_id=task.id))).task
     stored = await server.app.store.get(task.id)
     assert stored is not None
