@@ -104,7 +104,7 @@ def _streaming(
 
 
 # The methods whose handlers yield their replies as bytes, encoded already: the server
-# sends them as they are (see server.api.server.task_service_handlers).
+# sends them as they are (see server.api.server.add_service).
 ENCODED_REPLIES = frozenset({"Stream"})
 
 

@@ -7,12 +7,12 @@ from collections.abc import Mapping
 from dataclasses import replace
 from types import TracebackType
 
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.trace import TracerProvider
 
-from client._proto.taskring.v1 import executor_pb2, executor_pb2_grpc
-from server.api.server import new_server
+from client._proto.taskring.v1 import executor_pb2
+from server.api.server import HEALTH_SERVICE, add_service, new_server
 from server.backends.local import Handler, LocalBackend, LocalModelSettings, builtin_handlers
 from server.config import ExecutorSettings
 from server.observability.metrics import (
@@ -28,7 +28,8 @@ from server.tls import add_port
 
 from .service import ExecutorServicer
 
-EXECUTOR_SERVICE = executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name
+EXECUTOR = executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"]
+EXECUTOR_SERVICE = EXECUTOR.full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -73,12 +74,12 @@ class ExecutorApp:
         self.server = new_server(
             None if tracing is None else replace(tracing, head=tracing.head.starts_no_trace())
         )
-        executor_pb2_grpc.add_ExecutorServiceServicer_to_server(self.servicer, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        add_service(self.server, EXECUTOR, self.servicer)
+        add_service(self.server, HEALTH_SERVICE, self.health)
         reflection.enable_server_reflection(
             (
                 EXECUTOR_SERVICE,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                HEALTH_SERVICE.full_name,
                 reflection.SERVICE_NAME,
             ),
             self.server,
