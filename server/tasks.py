@@ -19,7 +19,7 @@ from .config_file import Limits
 from .dispatch.dispatcher import Dispatcher
 from .dispatch.retry import RetryPolicies
 from .events.hub import EventHub, EventKind, TaskEvent
-from .events.recorder import MAX_UNSTORED_DELTAS, ChangeRecorder
+from .events.recorder import ChangeRecorder, past_unstored_output
 from .model import states
 from .model.errors import (
     AlreadyExistsError,
@@ -316,7 +316,7 @@ class TaskManager:
                 if task.state is TaskState.RUNNING:
                     # Running on another replica, whose watchers may have seen output
                     # deltas it has not stored yet: skip their numbers.
-                    cancelled = cancelled.evolve(sequence=task.sequence + MAX_UNSTORED_DELTAS + 1)
+                    cancelled = past_unstored_output(cancelled)
                 event = TaskEvent(EventKind.STATE, cancelled)
                 if await self._recorder.record([event], task.sequence):
                     return cancelled

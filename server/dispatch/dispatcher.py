@@ -20,7 +20,7 @@ from opentelemetry.context import Context
 from server.backends.base import Backend, BackendError, BackendEvent, Completed, OutputChunk
 from server.clock import Clock
 from server.events.hub import EventKind, TaskEvent
-from server.events.recorder import MAX_UNSTORED_DELTAS, ChangeRecorder
+from server.events.recorder import MAX_UNSTORED_DELTAS, ChangeRecorder, past_unstored_output
 from server.model import states
 from server.model.aging import DEFAULT_AGING_S
 from server.model.errors import StoreError
@@ -185,9 +185,9 @@ class Dispatcher:
                 else:
                     after = states.requeue(task, interrupted, 0.0, self._clock.now())
                 # Output deltas may have been published, but not stored, before the process
-                # died (ChangeRecorder.publish_output): skip their numbers so that no
-                # watcher resuming after one misses this change.
-                after = after.evolve(sequence=after.sequence + MAX_UNSTORED_DELTAS)
+                # died (ChangeRecorder.publish_output): no watcher resuming after one may
+                # miss this change.
+                after = past_unstored_output(after)
                 # False: another replica adopted it first.
                 adopted += await self._recorder.record([_state(after)], task.sequence)
             _log.info("re-queued %d tasks whose router stopped while they ran", adopted)

@@ -23,6 +23,14 @@ _log = logging.getLogger(__name__)
 # (see ChangeRecorder.publish_output).
 MAX_UNSTORED_DELTAS = 64
 
+
+def past_unstored_output(change: Task) -> Task:
+    """`change`, made to a RUNNING task by someone other than its attempt (recovery of an
+    orphan, a Cancel on another replica), numbered past the output deltas the attempt may
+    have published and not stored: a sequence number a watcher saw is never reused."""
+    return change.evolve(sequence=change.sequence + MAX_UNSTORED_DELTAS)
+
+
 OnSaved = Callable[[TaskEvent], None]
 OnEnd = Callable[[Task], None]
 
