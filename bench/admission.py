@@ -1,7 +1,8 @@
 """Benchmark per-client admission: a noisy client at 20x its rate limit beside a well-behaved one.
 
-    .venv/bin/python bench/admission.py                 # about 3 minutes
-    .venv/bin/python bench/admission.py --quick         # smoke run, about 15 s
+    .venv/bin/python bench/admission.py                 # about 6 minutes
+    .venv/bin/python bench/admission.py --no-floor      # taskring only, about 3 minutes
+    .venv/bin/python bench/admission.py --quick         # smoke run, about 30 s
     .venv/bin/python bench/admission.py --json-out bench/results/admission.json
 
 Two phases, taken in turns for --rounds (3: baseline, noisy, baseline, noisy, ...), each
@@ -21,6 +22,14 @@ client's, and good has its own (--good-rate-limit 200/s, burst as much).
             (RESOURCE_EXHAUSTED) by send time within the recorded window: the bucket starts
             full (`burst` tokens), so the warm-up skips the burst and the window sees the
             steady state. The same count by reply time is shown as a cross-check.
+
+The floor: each round takes the same two phases once more against bench/floor_server.py
+(skipped with --no-floor), a bare grpc.aio server that runs taskring's admission (the same
+Gate: key, token bucket, the refusal and its RetryInfo) and answers an admitted Submit with
+a reply encoded in advance, storing and running nothing. Its good-client p99 ratio, printed
+beside the goals but not one of them, is what the flood does to any grpc.aio server on this
+machine: when the floor's ratio is above 1.2 itself, the machine, not taskring, is what the
+goal's figure measures.
 
 The noisy client runs in a process of its own (this script, --noisy-child): here, its
 thousand calls a second would share the event loop that times the good client's Submits,
@@ -92,6 +101,7 @@ from _procs import (
 from _report import fmt, jsonable
 from _stages import SUBMIT_METHOD
 from _stats import Latency
+from floor_server import READY_PREFIX as FLOOR_READY
 from submit import environment
 
 ACCEPTED_GOAL = (0.95, 1.05)  # noisy accepted rate / its limit, within
@@ -107,6 +117,8 @@ START_DELAY_S = 0.5  # from the child's ready line to the common start: time to 
 TAIL_S = 0.5  # the noisy client goes on this long after the good client's last send
 SERVER_READY = "taskring listening on"
 SCRIPT = Path(__file__).resolve()  # the noisy client runs this script in its own process
+FLOOR_SERVER = SCRIPT.with_name("floor_server.py")
+TASKRING, FLOOR = "taskring", "floor"  # the servers a phase runs against
 OK = grpc.StatusCode.OK
 REJECTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -129,6 +141,7 @@ class Plan:
     quiet_wait_s: float
     quiet_pct: float
     rounds: int = 1  # baseline and noisy phases, taken in turns
+    floor: bool = True  # each round's phases once more against bench/floor_server.py
 
     @property
     def noisy_rate(self) -> float:
@@ -461,6 +474,7 @@ async def cpu_in_window(
 class Phase:
     name: str  # baseline | noisy
     round: int  # from 1
+    server: str  # TASKRING | FLOOR
     good: ClientFigures
     noisy: ClientFigures | None
     cpu: CpuFigures
@@ -470,7 +484,8 @@ class Phase:
 
     @property
     def label(self) -> str:
-        return f"{self.name} #{self.round}"
+        prefix = "floor " if self.server == FLOOR else ""
+        return f"{prefix}{self.name} #{self.round}"
 
 
 async def good_client(
@@ -492,17 +507,27 @@ async def good_client(
         cpu.cancel()
 
 
+def server_command(
+    server: str, name: str, round_: int, workdir: Path
+) -> tuple[list[str], dict[str, str] | None, str]:
+    """How to start a phase's server: its argv, environment and ready line's prefix."""
+    config = workdir / "taskring.toml"
+    if server == FLOOR:
+        argv = [sys.executable, str(FLOOR_SERVER), f"--config={config}", f"--listen={LOOPBACK}:0"]
+        return argv, None, FLOOR_READY
+    env = server_env(workdir, config, f"{name}-{round_}")
+    return [sys.executable, "-m", "server"], env, SERVER_READY
+
+
 async def run_phase(
-    name: str, round_: int, plan: Plan, keys: Mapping[str, str], workdir: Path
+    server_kind: str, name: str, round_: int, plan: Plan, keys: Mapping[str, str], workdir: Path
 ) -> Phase:
     """A fresh server with the run's configuration; the good client, and in the noisy phase
     the noisy one beside it."""
-    config = workdir / "taskring.toml"
-    argv = [sys.executable, "-m", "server"]
-    env = server_env(workdir, config, f"{name}-{round_}")
-    log_path = workdir / f"taskring-{name}-{round_}.log"
+    argv, env, ready = server_command(server_kind, name, round_, workdir)
+    log_path = workdir / f"{server_kind}-{name}-{round_}.log"
     async with (
-        server_child(f"taskring ({name})", argv, env, log_path, SERVER_READY) as server,
+        server_child(f"{server_kind} ({name})", argv, env, log_path, ready) as server,
         open_channels(server.address, 1) as channels,
     ):
         call = keyed_submit(channels, keys[GOOD])
@@ -518,7 +543,7 @@ async def run_phase(
                     call, plan, child.start_at, server.pid, child.pid
                 )
                 noisy = await child.figures(TAIL_S + 60.0)
-    phase = Phase(name, round_, good, noisy, cpu, tuple(good_s))
+    phase = Phase(name, round_, server_kind, good, noisy, cpu, tuple(good_s))
     log_phase(phase)
     return phase
 
@@ -563,8 +588,8 @@ def at_most(value: float, goal: float) -> bool | None:
 def checks(plan: Plan, phases: Sequence[Phase]) -> list[Check]:
     """The goals against what the phases measured, all rounds pooled (passed None: not
     measured)."""
-    quiet = [p for p in phases if p.name == "baseline"]
-    loud = [p for p in phases if p.name == "noisy"]
+    quiet = [p for p in phases if p.server == TASKRING and p.name == "baseline"]
+    loud = [p for p in phases if p.server == TASKRING and p.name == "noisy"]
     noisy = [p.noisy for p in loud if p.noisy is not None]
     found: list[Check] = []
     window_s = plan.seconds * len(noisy)
@@ -593,16 +618,7 @@ def checks(plan: Plan, phases: Sequence[Phase]) -> list[Check]:
             else "",
         )
     )
-    if quiet and loud:
-        quiet_p99 = Latency.of([s for p in quiet for s in p.good_accepted_s]).p99_ms
-        loud_p99 = Latency.of([s for p in loud for s in p.good_accepted_s]).p99_ms
-        ratio = loud_p99 / quiet_p99
-        rounds = _each(
-            n.good.latency.p99_ms / q.good.latency.p99_ms for q, n in zip(quiet, loud, strict=False)
-        )
-        detail = f"{loud_p99:.2f} ms vs {quiet_p99:.2f} ms; by round {rounds}"
-    else:
-        ratio, detail = math.nan, ""
+    ratio, detail = p99_ratio(quiet, loud)
     found.append(
         Check(
             "good p99 with noisy / without",
@@ -636,6 +652,26 @@ def checks(plan: Plan, phases: Sequence[Phase]) -> list[Check]:
     return found
 
 
+def p99_ratio(quiet: Sequence[Phase], loud: Sequence[Phase]) -> tuple[float, str]:
+    """The good client's p99 with the noisy client / without it, each phase kind's rounds
+    pooled, and its detail (the two p99s, the ratio of each round); NaN if either is missing."""
+    if not quiet or not loud:
+        return math.nan, ""
+    quiet_p99 = Latency.of([s for p in quiet for s in p.good_accepted_s]).p99_ms
+    loud_p99 = Latency.of([s for p in loud for s in p.good_accepted_s]).p99_ms
+    rounds = _each(
+        n.good.latency.p99_ms / q.good.latency.p99_ms for q, n in zip(quiet, loud, strict=False)
+    )
+    return loud_p99 / quiet_p99, f"{loud_p99:.2f} ms vs {quiet_p99:.2f} ms; by round {rounds}"
+
+
+def floor_ratio(phases: Sequence[Phase]) -> tuple[float, str]:
+    """p99_ratio of the floor server's phases: what the flood does to a bare grpc.aio server."""
+    quiet = [p for p in phases if p.server == FLOOR and p.name == "baseline"]
+    loud = [p for p in phases if p.server == FLOOR and p.name == "noisy"]
+    return p99_ratio(quiet, loud)
+
+
 def _each(values: Iterable[float]) -> str:
     return " ".join(fmt(v, 2) for v in values)
 
@@ -663,7 +699,7 @@ def notes(plan: Plan, phases: Sequence[Phase]) -> list[str]:
 Row = tuple[str, ClientFigures]
 # The table's columns: header, width, cell. The first two are left-aligned.
 COLUMNS: list[tuple[str, int, Callable[[Row], str]]] = [
-    ("phase", 13, lambda r: r[0]),
+    ("phase", 19, lambda r: r[0]),
     ("client", 8, lambda r: r[1].client),
     ("target/s", 10, lambda r: fmt(r[1].target_rate, 1)),
     ("sent/s", 9, lambda r: fmt(r[1].offered_rate, 1)),
@@ -729,6 +765,13 @@ def print_table(plan: Plan, env: Mapping[str, Any], phases: Sequence[Phase], fai
         mark = {True: "PASS", False: "MISS", None: "N/A"}[check.passed]
         value = fmt(check.value, 3)
         print(f"{check.name:<32}{value:>8}  {check.goal:<11}{mark:<8}{check.detail}", file=out)
+    floor, detail = floor_ratio(phases)
+    if math.isfinite(floor):
+        print(
+            f"{'floor: good p99 ratio':<32}{fmt(floor, 3):>8}  {'(none)':<11}{'':<8}{detail}\n"
+            "  (taskring's admission alone on a bare grpc.aio server, under the same flood)",
+            file=out,
+        )
     for note in notes(plan, phases):
         print(f"note: {note}", file=out)
     if failure:
@@ -745,6 +788,7 @@ def summary_json(plan: Plan, env: Mapping[str, Any], phases: Sequence[Phase], fa
         # Each phase without its raw latencies (its summary is good.latency).
         "phases": [{k: v for k, v in asdict(p).items() if k != "good_accepted_s"} for p in phases],
         "checks": found,
+        "floor_p99_ratio": floor_ratio(phases)[0],
         "notes": notes(plan, phases),
         "passed": not failure and all(c.passed for c in found),
         "failure": failure or None,
@@ -771,10 +815,12 @@ async def measure(plan: Plan, workdir: Path, phases: list[Phase]) -> None:
     config.write_text(config_toml(plan, keys))
     config.chmod(0o600)
     # In turns, so that the machine's drift over the run falls on both kinds alike.
+    servers = (TASKRING, FLOOR) if plan.floor else (TASKRING,)
     for round_ in range(1, plan.rounds + 1):
-        for name in ("baseline", "noisy"):
-            log(f"{name} phase, round {round_} of {plan.rounds} ...")
-            phases.append(await run_phase(name, round_, plan, keys, workdir))
+        for server in servers:
+            for name in ("baseline", "noisy"):
+                log(f"{server} {name} phase, round {round_} of {plan.rounds} ...")
+                phases.append(await run_phase(server, name, round_, plan, keys, workdir))
 
 
 async def main_async(plan: Plan, workdir: Path, phases: list[Phase], max_seconds: float) -> str:
@@ -822,7 +868,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         help="baseline and noisy phases, taken in turns (default 3; 1 with --quick)",
     )
-    p.add_argument("--max-seconds", type=float, default=600.0, help="bound on the whole run")
+    p.add_argument(
+        "--no-floor",
+        dest="floor",
+        action="store_false",
+        help="skip the floor server's phases (bench/floor_server.py)",
+    )
+    p.add_argument("--max-seconds", type=float, default=900.0, help="bound on the whole run")
     p.add_argument("--json-out", help="also write the JSON summary to this file")
     p.add_argument(
         "--quick",
@@ -867,6 +919,7 @@ def plan_of(args: argparse.Namespace) -> Plan:
         quiet_wait_s=args.quiet_wait,
         quiet_pct=args.quiet_pct,
         rounds=args.rounds,
+        floor=args.floor,
     )
 
 
