@@ -508,11 +508,11 @@ async def good_client(
 
 
 def server_command(
-    server: str, name: str, round_: int, workdir: Path
+    server_kind: str, name: str, round_: int, workdir: Path
 ) -> tuple[list[str], dict[str, str] | None, str]:
     """How to start a phase's server: its argv, environment and ready line's prefix."""
     config = workdir / "taskring.toml"
-    if server == FLOOR:
+    if server_kind == FLOOR:
         argv = [sys.executable, str(FLOOR_SERVER), f"--config={config}", f"--listen={LOOPBACK}:0"]
         return argv, None, FLOOR_READY
     env = server_env(workdir, config, f"{name}-{round_}")
