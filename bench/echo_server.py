@@ -16,7 +16,7 @@ import argparse
 import asyncio
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -42,9 +42,13 @@ def build_server() -> grpc.aio.Server:
     return server
 
 
-async def serve(listen: str, max_seconds: float) -> int:
-    """Serve until SIGTERM/SIGINT or max_seconds, then stop with a short grace."""
-    server = build_server()
+async def serve_until_stopped(
+    build: Callable[[], grpc.aio.Server], listen: str, name: str, max_seconds: float
+) -> int:
+    """Serve what `build` makes (called here: a grpc.aio server belongs to the loop it is
+    made on) on `listen`, print `<name> listening on HOST:PORT`, and stop with a short grace
+    on SIGTERM/SIGINT or after max_seconds. Shared by the bare servers in bench/."""
+    server = build()
     port = server.add_insecure_port(listen)
     await server.start()
     stop = asyncio.Event()
@@ -52,14 +56,18 @@ async def serve(listen: str, max_seconds: float) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host = listen.rpartition(":")[0]
-    print(f"echo listening on {host}:{port}", flush=True)
+    print(f"{name} listening on {host}:{port}", flush=True)
     try:
         await asyncio.wait_for(stop.wait(), timeout=max_seconds)
     except TimeoutError:
-        print("echo server: --max-seconds reached, stopping", file=sys.stderr)
+        print(f"{name} server: --max-seconds reached, stopping", file=sys.stderr)
     finally:
         await server.stop(1.0)
     return 0
+
+
+async def serve(listen: str, max_seconds: float) -> int:
+    return await serve_until_stopped(build_server, listen, "echo", max_seconds)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

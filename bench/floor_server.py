@@ -17,8 +17,7 @@ and by itself after --max-seconds in case whoever started it is gone.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +28,8 @@ import grpc
 # Run as a script from the repo root: Python puts bench/ on sys.path, not the root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from echo_server import serve_until_stopped
+
 from client._proto.taskring.v1 import tasks_pb2 as pb
 from server.admission.auth import Authenticator
 from server.admission.gate import Gate
@@ -37,7 +38,8 @@ from server.api.status import to_status
 from server.config_file import read_file_config
 from server.model.errors import TaskringError
 
-READY_PREFIX = "floor listening on"
+NAME = "floor"
+READY_PREFIX = f"{NAME} listening on"  # what serve_until_stopped prints
 SERVICE = "taskring.v1.TaskService"
 
 
@@ -66,26 +68,6 @@ def build_server(gate: Gate) -> grpc.aio.Server:
     return server
 
 
-async def serve(listen: str, gate: Gate, max_seconds: float) -> int:
-    """Serve until SIGTERM/SIGINT or max_seconds, then stop with a short grace."""
-    server = build_server(gate)
-    port = server.add_insecure_port(listen)
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    host = listen.rpartition(":")[0]
-    print(f"{READY_PREFIX} {host}:{port}", flush=True)
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=max_seconds)
-    except TimeoutError:
-        print("floor server: --max-seconds reached, stopping", file=sys.stderr)
-    finally:
-        await server.stop(1.0)
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--config", required=True, help="a TASKRING_CONFIG file: keys, limits")
@@ -101,7 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     gate = Gate(Authenticator(config.api_keys), ClientLimiter(config.limits))
     import uvloop
 
-    return int(uvloop.run(serve(args.listen, gate, args.max_seconds)))
+    build = functools.partial(build_server, gate)
+    serving = serve_until_stopped(build, args.listen, NAME, args.max_seconds)
+    return int(uvloop.run(serving))
 
 
 if __name__ == "__main__":
