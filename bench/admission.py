@@ -28,8 +28,8 @@ The floor: each round takes the same two phases once more against bench/floor_se
 Gate: key, token bucket, the refusal and its RetryInfo) and answers an admitted Submit with
 a reply encoded in advance, storing and running nothing. Its good-client p99 ratio, printed
 beside the goals but not one of them, is what the flood does to any grpc.aio server on this
-machine: when the floor's ratio is above 1.2 itself, the machine, not taskring, is what the
-goal's figure measures.
+machine: when the floor's own ratio is above 1.2, the goal's figure measures the machine as
+much as taskring.
 
 The noisy client runs in a process of its own (this script, --noisy-child): here, its
 thousand calls a second would share the event loop that times the good client's Submits,
